@@ -1,0 +1,1 @@
+"""Training data: label definitions, the labeller, synthesis and the Lightning DataModule."""

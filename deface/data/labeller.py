@@ -1,0 +1,251 @@
+"""Silver-standard face/brain labels for a new scan, without manual work (``deface-label``).
+
+1. Both the scan and the MNI152 T1 template go to a 2 mm RAS grid; SimpleITK registers the
+   template to the scan (moments initialisation, 12-parameter affine, Mattes mutual
+   information, so any contrast works).
+2. The face region (deface.data.labels, defined analytically in MNI mm) is evaluated at every
+   scan voxel and intersected with the scan's own head mask.
+3. The brain is the MNI brain prior (mean of the 20 BrainWeb brains) propagated through the
+   same transform, or a given brain mask (e.g. Colin27's brain-extracted twin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+log = logging.getLogger("deface.label")
+
+DEFAULT_TEMPLATE = "templates/fsl_MNI152_T1_2mm.nii.gz"
+
+
+def shared_data_root() -> Path:
+    """Root of the shared data folder: $DEFACE_DATA or ../shared/data beside the checkout."""
+    env = os.environ.get("DEFACE_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def head_mask(image: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Foreground (head) mask of a scan: smoothed threshold, largest component, holes filled."""
+    smooth = ndi.gaussian_filter(np.nan_to_num(image.astype(np.float32)), 1.0 / np.maximum(spacing, 0.5))
+    hi = np.percentile(smooth, 99.0)
+    lo = np.percentile(smooth, 2.0)
+    mask = smooth > lo + 0.08 * (hi - lo)
+    from deface.data.labels import largest_component
+
+    mask = largest_component(mask)
+    mask = ndi.binary_closing(mask, iterations=2)
+    # Fill holes slice by slice in every direction (sinuses and mouth open to the outside in 3D).
+    for axis in range(3):
+        mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+    return mask
+
+
+def _to_sitk(image: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32))
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(-affine[0, 3]), float(-affine[1, 3]), float(affine[2, 3])])
+    img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])
+    return img
+
+
+def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0) -> np.ndarray:
+    """Head voxels within ``depth_mm`` of the top of the head (the part the template covers)."""
+    mask = ndi.gaussian_filter(image, 1.0) > 0.2
+    mask = ndi.binary_opening(mask, iterations=2)
+    from deface.data.labels import largest_component
+
+    mask = largest_component(mask) if mask.any() else mask
+    z = affine[2, 2] * np.arange(mask.shape[2]) + affine[2, 3]
+    top = z[np.nonzero(mask.any(axis=(0, 1)))[0].max()] if mask.any() else z.max()
+    return mask & (z >= top - depth_mm)[None, None, :]
+
+
+def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
+                    moving_affine: np.ndarray, seed: int = 0) -> np.ndarray:
+    """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
+
+    Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
+    start aligns the centroids of the top 170 mm of both heads (a neck in the scan would pull
+    a moments start down); a similarity stage then a 12-parameter affine stage follow, with
+    the metric restricted to that top part of the scan.
+    """
+    import SimpleITK as sitk
+
+    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
+    fmask, mmask = _top_of_head(fixed, fixed_affine), _top_of_head(moving, moving_affine)
+
+    def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        c = np.argwhere(mask).mean(0)
+        ras = affine[:3, :3] @ c + affine[:3, 3]
+        return ras * np.array([-1.0, -1.0, 1.0])  # LPS
+
+    cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
+    fixed_mask = _to_sitk(ndi.binary_dilation(fmask, iterations=3).astype(np.float32), fixed_affine)
+    fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
+
+    def run(tx):
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.3, seed)
+        reg.SetMetricFixedMask(fixed_mask)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 300, relaxationFactor=0.6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(f, m)
+        return tx
+
+    sim = sitk.Similarity3DTransform()
+    sim.SetCenter([float(v) for v in cf])
+    sim.SetTranslation([float(v) for v in cm - cf])
+    sim = run(sim)
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter(sim.GetCenter())
+    aff.SetMatrix(sim.GetMatrix())
+    aff.SetTranslation(sim.GetTranslation())
+    tx = run(aff)
+    a = np.array(tx.GetMatrix()).reshape(3, 3)
+    c = np.array(tx.GetCenter())
+    t = np.array(tx.GetTranslation())
+    lps = np.eye(4)
+    lps[:3, :3] = a
+    lps[:3, 3] = t + c - a @ c
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
+
+
+def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Mean BrainWeb brain mask on a 2 mm MNI grid: (probability array, affine)."""
+    import nibabel as nib
+
+    from deface.data.labels import brainweb_brain
+
+    files = sorted((root / "brainweb").glob("subject*_crisp_v.mnc.gz"))
+    acc, affine = None, None
+    for path in files:
+        img = nib.load(str(path))
+        tissue = np.asarray(img.dataobj)[::4, ::4, ::4]
+        brain = brainweb_brain(tissue).astype(np.float32)
+        acc = brain if acc is None else acc + brain
+        affine = img.affine.copy()
+        affine[:3, :3] *= 4
+    if acc is None:
+        raise FileNotFoundError(f"no BrainWeb models under {root / 'brainweb'}")
+    return acc / len(files), affine
+
+
+def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarray | None = None,
+               prior: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (uint8, on the scan's grid) and the scan -> MNI affine for a 3D scan."""
+    import nibabel as nib
+    import torch
+
+    from deface.data.labels import compose_labels
+    from deface.preprocessing import Grid, resample, to_canonical
+
+    tmpl = nib.load(str(root / DEFAULT_TEMPLATE))
+    fixed = to_canonical(data, affine)
+    moving = to_canonical(np.asarray(tmpl.dataobj, np.float32), tmpl.affine)
+    to_mni = register_affine(fixed.image[0].numpy(), fixed.grid.affine, moving.image[0].numpy(),
+                             moving.grid.affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    head = head_mask(data, spacing)
+    if brain is None:
+        prob, prior_affine = prior if prior is not None else mni_brain_prior(root)
+        # Scan voxel -> MNI world -> prior voxel.
+        warped = resample(torch.from_numpy(prob)[None], np.linalg.inv(to_mni) @ prior_affine,
+                          Grid(tuple(data.shape[:3]), affine))[0].numpy()
+        brain = (warped >= 0.5) & head
+    return compose_labels(head, brain.astype(bool), to_mni, affine), to_mni
+
+
+def qc_png(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: Path, title: str = "") -> None:
+    """Sagittal, axial and coronal overlays of the labels on the scan (on a 1 mm RAS grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from deface.preprocessing import canonical_grid, Grid, resample
+
+    grid = canonical_grid(Grid(tuple(data.shape[:3]), affine), spacing=1.0, multiple=1, max_size=400)
+    img = resample(torch.from_numpy(np.nan_to_num(data.astype(np.float32)))[None], affine, grid)[0].numpy()
+    lab = resample(torch.from_numpy(labels.astype(np.float32))[None], affine, grid, mode="nearest")[0].numpy()
+    face = np.argwhere(lab == 1)
+    centre = face.mean(0).astype(int) if len(face) else np.array(lab.shape) // 2
+    brain = np.argwhere(lab == 2)
+    bc = brain.mean(0).astype(int) if len(brain) else centre
+    views = [(img[bc[0]], lab[bc[0]], "sagittal"), (img[:, :, centre[2]], lab[:, :, centre[2]], "axial"),
+             (img[:, centre[1]], lab[:, centre[1]], "coronal")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    vmax = np.percentile(img, 99.5)
+    for ax, (im, lb, name) in zip(axes, views):
+        ax.imshow(im.T, origin="lower", cmap="gray", vmin=0, vmax=vmax)
+        ax.contour((lb == 1).T.astype(float), [0.5], colors="red", linewidths=1)
+        ax.contour((lb == 2).T.astype(float), [0.5], colors="cyan", linewidths=1)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title}  (red: face, cyan: brain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deface-label", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", type=Path, help="head MRI files (.nii, .nii.gz, .mgz)")
+    parser.add_argument("-o", "--outdir", type=Path, required=True)
+    parser.add_argument("--brain-mask", type=Path, nargs="*", default=[],
+                        help="optional brain masks or brain-extracted images, one per image, same grid")
+    parser.add_argument("--data-root", type=Path, default=None, help="shared data folder (default $DEFACE_DATA)")
+    parser.add_argument("--no-qc", action="store_true", help="skip the QC PNG")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import nibabel as nib
+
+    root = args.data_root or shared_data_root()
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    prior = mni_brain_prior(root)
+    failed = 0
+    for i, path in enumerate(args.images):
+        try:
+            img = nib.load(str(path))
+            data = np.asanyarray(img.dataobj, dtype=np.float32)
+            data = data[..., 0] if data.ndim == 4 else data
+            brain = None
+            if i < len(args.brain_mask):
+                brain = np.asanyarray(nib.load(str(args.brain_mask[i])).dataobj) > 0
+            labels, _ = label_scan(data, img.affine, root, brain=brain, prior=prior)
+            name = path.name.split(".")[0]
+            out = nib.Nifti1Image(labels, img.affine)
+            out.set_qform(img.affine, 1)
+            nib.save(out, str(args.outdir / f"{name}_labels.nii.gz"))
+            if not args.no_qc:
+                qc_png(data, labels, img.affine, args.outdir / f"{name}_labels.png", name)
+            counts = np.bincount(labels.ravel(), minlength=3)
+            log.info("%s: face %d voxels, brain %d voxels", path, counts[1], counts[2])
+        except Exception as exc:  # one bad scan must not stop the rest
+            failed += 1
+            log.error("%s: %s", path, exc)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

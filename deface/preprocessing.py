@@ -1,0 +1,153 @@
+"""Map a native image onto the network's canonical grid and back.
+
+The canonical grid is axis-aligned RAS with isotropic spacing (2 mm by default), its origin
+snapped to a world lattice so that the same head in any axis order or oblique affine lands
+on the same grid. Resampling is done in world space with ``torch.nn.functional.grid_sample``,
+which handles all 48 axis codes and oblique affines with one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid: ``shape`` (3 ints) and the voxel-to-world ``affine`` (4x4, RAS mm)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths (mm) along each array axis."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def world_bbox(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """World-space (RAS) bounding box of the voxel *centres* of ``grid``."""
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in grid.shape], indexing="ij")).reshape(3, -1)
+    world = grid.affine[:3, :3] @ corners + grid.affine[:3, 3:4]
+    return world.min(axis=1), world.max(axis=1)
+
+
+def canonical_grid(native: Grid, spacing: float = 2.0, multiple: int = 16, max_size: int = 256) -> Grid:
+    """The RAS grid at ``spacing`` mm covering ``native``, padded to ``multiple`` voxels.
+
+    The origin sits on the world lattice ``k * spacing`` so that reorderings of the same image
+    give the same canonical grid. Fields of view beyond ``max_size`` voxels are centred and cut.
+    """
+    lo, hi = world_bbox(native)
+    lo = np.floor(lo / spacing) * spacing
+    hi = np.ceil(hi / spacing) * spacing
+    n = np.round((hi - lo) / spacing).astype(int) + 1
+    shape = np.minimum(((n + multiple - 1) // multiple) * multiple, max_size)
+    # Centre the field of view in the padded grid, keeping the lattice.
+    shift = np.floor((shape - n) / 2.0)
+    origin = lo - shift * spacing
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([spacing] * 3)
+    affine[:3, 3] = origin
+    return Grid(tuple(int(s) for s in shape), affine)
+
+
+def antialias(data: torch.Tensor, affine: np.ndarray, spacing: float) -> tuple[torch.Tensor, np.ndarray]:
+    """Average-pool ``data`` (C, X, Y, Z) along axes finer than half ``spacing``.
+
+    Returns the pooled data and its affine; avoids aliasing when a 1 mm scan is sampled at 2 mm.
+    """
+    k = np.maximum(np.floor(spacing / voxel_sizes(affine) + 1e-3), 1).astype(int)
+    if np.all(k == 1):
+        return data, affine
+    pooled = F.avg_pool3d(data[None], kernel_size=tuple(k), stride=tuple(k), ceil_mode=True)[0]
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(k)
+    scale[:3, 3] = (k - 1) / 2.0
+    return pooled, affine @ scale
+
+
+def sampling_grid(src_affine: np.ndarray, src_shape: tuple[int, ...], dst: Grid,
+                  dst_box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
+    """Normalised ``grid_sample`` coordinates of ``dst`` voxel centres in the source array.
+
+    ``dst_box`` restricts the result to a sub-box of ``dst`` (native back-mapping touches only
+    the face region). Returns a (1, X, Y, Z, 3) float32 tensor for align_corners=True.
+    """
+    box = dst_box or tuple(slice(0, s) for s in dst.shape)
+    axes = [torch.arange(b.start, b.stop, dtype=torch.float64) for b in box]
+    m = torch.as_tensor(np.linalg.inv(src_affine) @ dst.affine, dtype=torch.float64)
+    # src_index = M[:3,:3] @ dst_index + M[:3,3], built axis by axis to keep memory low.
+    coords = []
+    for r in range(3):
+        c = (m[r, 0] * axes[0][:, None, None] + m[r, 1] * axes[1][None, :, None]
+             + m[r, 2] * axes[2][None, None, :] + m[r, 3])
+        size = src_shape[r]
+        coords.append((2.0 * c / max(size - 1, 1) - 1.0).to(torch.float32))
+    # grid_sample wants (x, y, z) = (last, middle, first) array axes.
+    return torch.stack(coords[::-1], dim=-1)[None]
+
+
+def resample(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, mode: str = "bilinear",
+             dst_box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
+    """Resample ``data`` (C, X, Y, Z) from ``src_affine`` onto ``dst`` (or a box of it).
+
+    Points outside the source field of view get 0. ``mode`` is ``bilinear`` (trilinear) or
+    ``nearest``.
+    """
+    grid = sampling_grid(src_affine, tuple(data.shape[1:]), dst, dst_box).to(data.device)
+    out = F.grid_sample(data[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out[0]
+
+
+def fov_mask(src_affine: np.ndarray, src_shape: tuple[int, ...], dst: Grid) -> torch.Tensor:
+    """Boolean (X, Y, Z) mask of ``dst`` voxels that fall inside the source field of view."""
+    grid = sampling_grid(src_affine, src_shape, dst)[0]
+    half = torch.tensor([1.0 / max(s - 1, 1) for s in src_shape[::-1]])
+    return ((grid >= -1 - half) & (grid <= 1 + half)).all(dim=-1)
+
+
+def normalize_intensity(image: torch.Tensor, inside: torch.Tensor | None = None,
+                        low: float = 0.5, high: float = 99.5) -> torch.Tensor:
+    """Scale ``image`` to about [0, 1] by robust percentiles; voxels outside ``inside`` become 0."""
+    values = image[inside] if inside is not None else image.reshape(-1)
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return torch.zeros_like(image)
+    if values.numel() > 1_000_000:
+        step = values.numel() // 1_000_000 + 1
+        values = values[::step]
+    lo, hi = torch.quantile(values.float(), torch.tensor([low / 100, high / 100]))
+    out = ((image - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(-0.5, 1.5)
+    out = torch.nan_to_num(out, nan=0.0, posinf=1.5, neginf=-0.5)
+    if inside is not None:
+        out = torch.where(inside, out, torch.zeros_like(out))
+    return out
+
+
+@dataclass
+class CanonicalInput:
+    """The network input on the canonical grid and what is needed to map results back."""
+
+    image: torch.Tensor  # (1, X, Y, Z) float32, normalised
+    grid: Grid
+    inside: torch.Tensor  # (X, Y, Z) bool: inside the native field of view
+
+
+def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, multiple: int = 16,
+                 max_size: int = 256) -> CanonicalInput:
+    """Bring a 3D native volume (float, scaled values) to the canonical network input."""
+    data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
+    data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    grid = canonical_grid(Grid(tuple(volume.shape[:3]), np.asarray(affine, float)), spacing, multiple, max_size)
+    pooled, pooled_affine = antialias(data, np.asarray(affine, float), spacing)
+    image = resample(pooled, pooled_affine, grid)
+    inside = fov_mask(pooled_affine, tuple(pooled.shape[1:]), grid)
+    return CanonicalInput(normalize_intensity(image, inside[None]), grid, inside)
