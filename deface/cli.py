@@ -1,0 +1,278 @@
+"""deface-infer: remove the face from head MRI, leaving every brain voxel untouched.
+
+Only the standard library is imported until the arguments are parsed, so --help is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from deface import __version__
+
+log = logging.getLogger("deface")
+
+EPILOG = """examples:
+  deface-infer sub-01_T1w.nii.gz                    writes sub-01_T1w_defaced.nii.gz beside it
+  deface-infer scans/ -o defaced/ --save-mask       every NIfTI/MGH file in scans/
+  deface-infer t1.nii.gz --applyto t2.nii.gz flair.nii.gz   same mask on co-registered images
+exit status: 0 all done, 1 some files failed (the rest were done), 2 usage error"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deface-infer", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs")
+    p.add_argument("-o", "--outdir", type=Path, help="output folder (default: beside each input)")
+    p.add_argument("--outfile", type=Path, help="output file, for a single input")
+    p.add_argument("--suffix", default="_defaced", help="added to output names (default: _defaced)")
+    p.add_argument("--mode", choices=["zero", "noise", "blur", "fill"], default="zero",
+                   help="how face voxels are replaced (default: zero)")
+    p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
+    p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
+    p.add_argument("--applyto", nargs="+", type=Path, default=[], metavar="IMAGE",
+                   help="co-registered images to deface with the mask of the (single) input")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
+    p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
+    p.add_argument("--workers", type=int, default=2, help="background threads reading and writing (default 2)")
+    p.add_argument("--brain-margin", type=float, default=None, metavar="MM",
+                   help="protected margin around the predicted brain (default from the weights: 4 mm)")
+    p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
+    p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")
+    p.add_argument("--version", action="version", version=f"deface {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="per-stage timings")
+    return p
+
+
+class UsageError(Exception):
+    pass
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, folders (their NIfTI/MGH files, not recursive) and globs, in order, without repeats."""
+    from deface.io import is_image_file
+
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+        elif any(c in item for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(item) if is_image_file(Path(p)))
+        else:
+            found = [path]
+        if not found:
+            raise UsageError(f"{item}: no such file, or no NIfTI/MGH files in it")
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+def output_path(src: Path, args: argparse.Namespace, suffix: str) -> Path:
+    from deface.io import split_suffix
+
+    stem, ext = split_suffix(src)
+    ext = ".mgz" if ext.lower() == ".mgz" else ".nii.gz"
+    folder = args.outdir if args.outdir is not None else src.parent
+    return folder / f"{stem}{suffix}{ext}"
+
+
+def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(input, output) pairs; refuses outputs that equal an input or collide with each other."""
+    if args.outfile and len(inputs) != 1:
+        raise UsageError("--outfile needs exactly one input")
+    pairs = []
+    for src in inputs:
+        dst = args.outfile if args.outfile else output_path(src, args, args.suffix)
+        pairs.append((src, dst))
+    resolved_inputs = {p.resolve() for p in inputs} | {p.resolve() for p in args.applyto}
+    seen: dict[Path, Path] = {}
+    for src, dst in pairs:
+        r = dst.resolve()
+        if r in resolved_inputs:
+            raise UsageError(f"{dst}: the output would overwrite an input; choose another --outdir or --suffix")
+        if r in seen:
+            raise UsageError(f"{src} and {seen[r]} would both write {dst}; use separate --outdir runs")
+        seen[r] = src
+    return pairs
+
+
+def progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="file", disable=not enabled, file=sys.stderr)
+    except ImportError:
+        class _Null:
+            def update(self, n: int = 1) -> None: ...
+            def close(self) -> None: ...
+        return _Null()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        inputs = expand_inputs(args.inputs)
+        if args.applyto and len(inputs) != 1:
+            raise UsageError("--applyto needs exactly one input image")
+        if args.batch_size < 1 or args.workers < 0:
+            raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+        pairs = plan_outputs(inputs, args)
+        if args.outdir is not None:
+            args.outdir.mkdir(parents=True, exist_ok=True)
+    except (UsageError, OSError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"deface-infer: error: {exc}", file=sys.stderr)
+        return 2
+
+    todo, results = [], []
+    for src, dst in pairs:
+        if dst.exists() and args.skip_existing:
+            log.info("%s: output exists, skipped", src)
+            results.append((src, "skipped", ""))
+        elif dst.exists() and not args.force:
+            log.error("%s: %s exists; use --force to overwrite or --skip-existing", src, dst)
+            results.append((src, "failed", "output exists"))
+        else:
+            todo.append((src, dst))
+
+    from deface.inference import Defacer
+
+    try:
+        defacer = Defacer(weights=args.weights, device=args.device, mode=args.mode, fill_value=args.fill_value,
+                          brain_margin_mm=args.brain_margin, mask_from=args.mask_from, seed=args.seed)
+    except Exception as exc:
+        log.error("cannot load the model: %s", exc)
+        return 1
+    log.info("deface %s on %s, %d file(s)", __version__, defacer.device, len(todo))
+    results += run_batches(defacer, todo, args)
+    return summarize(results)
+
+
+def _prepare(defacer, src: Path):
+    try:
+        return defacer.prepare(src), None
+    except Exception as exc:
+        return None, exc
+
+
+def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace) -> list[tuple[Path, str, str]]:
+    """Read ahead and write behind in threads so the network waits on disk as little as possible."""
+    from deface import io
+
+    results = []
+    bar = progress(len(todo), sys.stderr.isatty() and not args.quiet)
+    workers = max(args.workers, 1)
+    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
+        batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+        pending = [readers.submit(_prepare, defacer, src) for src, _ in batches[0]] if batches else []
+        writes = []
+        for b, batch in enumerate(batches):
+            prepared = [f.result() for f in pending]
+            if b + 1 < len(batches):
+                pending = [readers.submit(_prepare, defacer, src) for src, _ in batches[b + 1]]
+            ok = [(pair, p) for pair, (p, err) in zip(batch, prepared) if p is not None]
+            for (src, _), (p, err) in zip(batch, prepared):
+                if p is None:
+                    log.error("%s: %s", src, err)
+                    results.append((src, "failed", str(err)))
+            if not ok:
+                bar.update(len(batch))
+                continue
+            t0 = time.perf_counter()
+            try:
+                probs = defacer.predict([p[1] for _, p in ok])
+            except Exception as exc:
+                for (src, _), _p in ok:
+                    log.error("%s: network failed: %s", src, exc)
+                    results.append((src, "failed", f"network: {exc}"))
+                continue
+            net_s = (time.perf_counter() - t0) / len(ok)
+            for ((src, dst), (volume, canon)), pr in zip(ok, probs):
+                writes.append((src, writers.submit(_finish, defacer, volume, canon, pr, src, dst, args, net_s, io)))
+            bar.update(len(batch))
+        for src, fut in writes:
+            results.append(fut.result())
+    bar.close()
+    return results
+
+
+def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: float, io) -> tuple[Path, str, str]:
+    try:
+        t0 = time.perf_counter()
+        result = defacer.apply(volume, canon, probs)
+        io.save(volume, result.raw, dst)
+        if args.save_mask:
+            stem, _ = io.split_suffix(dst)
+            io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
+        for other in args.applyto:
+            apply_mask_to(result, other, args, io)
+        s = result.stats
+        msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
+               f"brain voxels changed {s['brain_voxels_changed']}")
+        if not s["face_found"]:
+            log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", src)
+        log.info("%s -> %s: %s (%.2f s)", src, dst, msg, net_s + time.perf_counter() - t0)
+        return src, "done" if s["face_found"] else "no face", msg
+    except Exception as exc:
+        log.error("%s: %s", src, exc)
+        return src, "failed", str(exc)
+
+
+def apply_mask_to(result, other: Path, args, io) -> None:
+    """Deface a co-registered image with ``result``'s mask, resampled when its grid differs."""
+    import numpy as np
+    import torch
+
+    from deface.preprocessing import Grid, resample
+
+    vol = io.load(other)
+    src_grid = result.volume.affine
+    if vol.raw.shape[:3] == result.mask.shape and np.allclose(vol.affine, src_grid, atol=1e-4):
+        mask = result.mask
+    else:
+        mask = resample(torch.from_numpy(result.mask.astype(np.float32))[None], src_grid,
+                        Grid(tuple(vol.raw.shape[:3]), vol.affine))[0].numpy() >= 0.5
+    from deface.inference import Defacer
+
+    raw = Defacer.replace(_ModeOnly(args), vol, mask)
+    dst = args.outdir / other.name if args.outdir else other
+    stem, _ = io.split_suffix(dst)
+    out = dst.with_name(f"{stem}{args.suffix}.nii.gz" if not str(dst).endswith(".mgz") else f"{stem}{args.suffix}.mgz")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; use --force")
+    io.save(vol, raw, out)
+
+
+class _ModeOnly:
+    """The replacement settings of the CLI, for Defacer.replace on --applyto images."""
+
+    def __init__(self, args) -> None:
+        self.mode, self.fill_value, self.seed = args.mode, args.fill_value, args.seed
+
+
+def summarize(results: list[tuple[Path, str, str]]) -> int:
+    failed = [r for r in results if r[1] == "failed"]
+    if len(results) > 1 or failed:
+        width = max(len(str(r[0])) for r in results)
+        print(f"\n{'file':<{width}}  status    details", file=sys.stderr)
+        for src, status, detail in results:
+            print(f"{str(src):<{width}}  {status:<8}  {detail}", file=sys.stderr)
+        print(f"{len(results) - len(failed)} done, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

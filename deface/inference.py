@@ -1,0 +1,182 @@
+"""The inference wrapper: ``Defacer`` loads the network once and defaces images one by one.
+
+    from deface import Defacer
+    d = Defacer(device="auto")
+    result = d.deface("sub-01_T1w.nii.gz")     # path, nibabel image or io.Volume
+    result.image, result.mask, result.stats
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from deface import io
+from deface.network import build_network, downsampling_factor
+from deface.postprocessing import PostprocessConfig, canonical_masks, to_native
+from deface.preprocessing import CanonicalInput, Grid, to_canonical
+
+log = logging.getLogger("deface")
+MODES = ("zero", "noise", "blur", "fill")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+@dataclass
+class DefaceResult:
+    """What ``Defacer.deface`` returns: the defaced image, the removal mask and per-file stats."""
+
+    volume: io.Volume
+    raw: np.ndarray  # defaced stored values, native shape and dtype
+    mask: np.ndarray  # (X, Y, Z) bool: voxels replaced in every volume
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> nib.spatialimages.SpatialImage:
+        return io.output_image(self.volume, self.raw)
+
+    @property
+    def mask_image(self) -> nib.Nifti1Image:
+        return nib.Nifti1Image(self.mask.astype(np.uint8), self.volume.affine)
+
+
+class Defacer:
+    """Holds the network and the settings; ``deface`` is safe to call for many files.
+
+    ``weights``: a weights folder, .json or .pt (default: the shipped weights).
+    ``network`` + ``metadata``: inject a network (tests, fine-tuned models in memory).
+    """
+
+    def __init__(self, weights: str | Path | None = None, device: str = "auto", mode: str = "zero",
+                 fill_value: float = 0.0, brain_margin_mm: float | None = None, min_face_ml: float | None = None,
+                 mask_from: str = "first", seed: int = 0, network: torch.nn.Module | None = None,
+                 metadata: dict[str, Any] | None = None, max_voxels: int = 512**3) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.device = resolve_device(device)
+        if network is None:
+            from deface.weights import load_state_dict
+
+            state, metadata = load_state_dict(weights)
+            network = build_network(metadata["architecture"])
+            network.load_state_dict(state)
+        self.metadata = metadata or {}
+        self.network = network.to(self.device).eval()
+        pre = self.metadata.get("preprocessing", {})
+        self.spacing = float(pre.get("spacing_mm", 2.0))
+        self.multiple = int(pre.get("multiple", downsampling_factor(self.metadata.get("architecture", {})) or 16))
+        post = dict(self.metadata.get("postprocessing", {}))
+        if brain_margin_mm is not None:
+            post["brain_margin_mm"] = brain_margin_mm
+        if min_face_ml is not None:
+            post["min_face_ml"] = min_face_ml
+        self.post = PostprocessConfig(**{k: v for k, v in post.items() if k in PostprocessConfig.__annotations__})
+        self.mode, self.fill_value, self.mask_from, self.seed = mode, fill_value, mask_from, seed
+        self.max_voxels = max_voxels
+
+    # -- stages -------------------------------------------------------------------------------
+    def prepare(self, source: str | Path | nib.spatialimages.SpatialImage | io.Volume) -> tuple[io.Volume, CanonicalInput]:
+        """Load (if needed) and bring the reference volume to the canonical grid (CPU work)."""
+        if isinstance(source, io.Volume):
+            volume = source
+        elif isinstance(source, (str, Path)):
+            volume = io.load(source, self.max_voxels)
+        else:
+            volume = io.from_image(source, None, self.max_voxels)
+        ref = volume.reference(self.mask_from)
+        if not np.isfinite(ref).any() or np.nanmax(ref) == np.nanmin(ref):
+            raise io.InputError("the image is constant (all voxels equal): nothing to deface")
+        return volume, to_canonical(ref, volume.affine, self.spacing, self.multiple)
+
+    @torch.inference_mode()
+    def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
+        """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs (padded together)."""
+        shape = np.max([c.image.shape[1:] for c in inputs], axis=0)
+        batch = torch.zeros((len(inputs), 1, *shape), dtype=torch.float32)
+        for i, c in enumerate(inputs):
+            x, y, z = c.image.shape[1:]
+            batch[i, :, :x, :y, :z] = c.image
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.network(batch)
+        probs = torch.softmax(logits.float(), 1).cpu()
+        return [probs[i, :, : c.image.shape[1], : c.image.shape[2], : c.image.shape[3]] for i, c in enumerate(inputs)]
+
+    def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor) -> DefaceResult:
+        """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
+        t0 = time.perf_counter()
+        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0])
+        native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
+        remove, box, protected = to_native(masks, canon.grid, native)
+        raw = self.replace(volume, remove)
+        changed = (raw != volume.raw).reshape(raw.shape[:3] + (-1,)).any(-1)
+        brain_changed = int((changed[box] & protected).sum()) if box is not None else 0
+        voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        stats = {
+            "face_found": masks.face_found,
+            "face_ml_predicted": round(masks.face_ml, 2),
+            "removed_ml": round(float(remove.sum()) * voxel_ml, 2),
+            "removed_voxels": int(remove.sum()),
+            "brain_voxels_changed": brain_changed,
+            "changed_outside_mask": int((changed & ~remove).sum()),
+            "postprocess_s": round(time.perf_counter() - t0, 3),
+        }
+        return DefaceResult(volume, raw, remove, stats)
+
+    def replace(self, volume: io.Volume, remove: np.ndarray) -> np.ndarray:
+        """Stored values with the ``remove`` voxels replaced in every volume, per ``self.mode``."""
+        raw = volume.raw.copy()
+        if not remove.any():
+            return raw
+        flat = raw.reshape(raw.shape[:3] + (-1,))
+        rng = np.random.default_rng(self.seed)
+        for t in range(flat.shape[3]):
+            vol = flat[..., t]
+            if self.mode == "zero":
+                vol[remove] = volume.to_raw(np.zeros(1))[0]
+            elif self.mode == "fill":
+                vol[remove] = volume.to_raw(np.full(1, self.fill_value))[0]
+            elif self.mode == "noise":
+                values = volume.scaled(vol[remove])
+                air = values[values <= np.percentile(values, 20)]
+                vol[remove] = volume.to_raw(rng.choice(air, size=int(remove.sum()), replace=True))
+            elif self.mode == "blur":
+                box = tuple(slice(max(s.min() - 8, 0), s.max() + 9) for s in np.nonzero(remove))
+                sigma = 6.0 / np.maximum(io_voxel_sizes(volume.affine), 1e-3)
+                from scipy.ndimage import gaussian_filter
+
+                smooth = gaussian_filter(volume.scaled(vol[box]), sigma)
+                sub = vol[box]
+                sub[remove[box]] = volume.to_raw(smooth[remove[box]])
+                vol[box] = sub
+        return flat.reshape(raw.shape)
+
+    def deface(self, source: str | Path | nib.spatialimages.SpatialImage | io.Volume,
+               probs: torch.Tensor | None = None) -> DefaceResult:
+        """Deface one image. ``probs`` (C, X, Y, Z on the canonical grid) bypasses the network."""
+        t0 = time.perf_counter()
+        volume, canon = self.prepare(source)
+        t1 = time.perf_counter()
+        if probs is None:
+            probs = self.predict([canon])[0]
+        t2 = time.perf_counter()
+        result = self.apply(volume, canon, probs)
+        result.stats.update(load_preprocess_s=round(t1 - t0, 3), network_s=round(t2 - t1, 3))
+        return result
+
+
+def io_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))

@@ -1,0 +1,180 @@
+"""Load head MRI and write results with the input's exact header, grid and dtype.
+
+The network never sees the native array directly: preprocessing maps it to the canonical
+RAS grid. Output is written from the *stored* (unscaled) values, so voxels outside the mask
+keep their bytes, and the NIfTI header (qform/sform and codes, scl_slope/scl_inter,
+descrip, extensions, vox_offset) is written back byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.volumeutils import array_to_file
+
+SUFFIXES = (".nii.gz", ".nii", ".mgz")
+
+
+class InputError(ValueError):
+    """The file cannot be defaced (unreadable, wrong dimensionality, bad affine ...)."""
+
+
+def split_suffix(path: Path) -> tuple[str, str]:
+    """('name', '.nii.gz') for 'name.nii.gz'; the suffix is one of SUFFIXES or ''."""
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return path.stem, path.suffix
+
+
+def is_image_file(path: Path) -> bool:
+    return split_suffix(path)[1].lower() in SUFFIXES
+
+
+@dataclass
+class Volume:
+    """An image as stored: ``raw`` (stored dtype, unscaled) plus its nibabel image for the header."""
+
+    img: nib.spatialimages.SpatialImage
+    raw: np.ndarray
+    path: Path | None = None
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.img.affine, dtype=float)
+
+    @property
+    def slope_inter(self) -> tuple[float, float]:
+        slope, inter = getattr(self.img.dataobj, "slope", 1.0), getattr(self.img.dataobj, "inter", 0.0)
+        slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+        inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+        return slope, inter
+
+    def scaled(self, raw: np.ndarray | None = None) -> np.ndarray:
+        """Real-world values (float32) of ``raw`` (default: the whole stored array)."""
+        slope, inter = self.slope_inter
+        x = (self.raw if raw is None else raw).astype(np.float32)
+        return x * np.float32(slope) + np.float32(inter) if (slope, inter) != (1.0, 0.0) else x
+
+    def to_raw(self, values: np.ndarray) -> np.ndarray:
+        """Stored values for real-world ``values``: unscale, round and clip for integer dtypes."""
+        slope, inter = self.slope_inter
+        x = (np.asarray(values, dtype=np.float64) - inter) / slope
+        dtype = self.raw.dtype
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x), info.min, info.max)
+        return x.astype(dtype)
+
+    def reference(self, mode: str = "first") -> np.ndarray:
+        """The 3D volume the mask is computed from: the first volume of a 4D image, or the mean."""
+        if self.raw.ndim == 3:
+            return self.scaled()
+        if mode == "mean":
+            return self.scaled().reshape(self.raw.shape[:3] + (-1,)).mean(axis=3)
+        return self.scaled(self.raw.reshape(self.raw.shape[:3] + (-1,))[..., 0])
+
+
+def check_volume(img: nib.spatialimages.SpatialImage, shape: tuple[int, ...], max_voxels: int) -> None:
+    """Refuse what cannot be a head volume, before reading any voxel."""
+    if len(shape) < 3 or any(s < 2 for s in shape[:3]):
+        raise InputError(f"image is {len(shape)}D with shape {shape}: a 3D or 4D head volume is needed")
+    if len(shape) > 4 and any(s > 1 for s in shape[4:]):
+        raise InputError(f"image has {len(shape)} dimensions {shape}: only 3D and 4D are supported")
+    if int(np.prod(shape, dtype=np.int64)) > max_voxels:
+        raise InputError(f"image has {int(np.prod(shape, dtype=np.int64))} voxels, over the limit of {max_voxels}; "
+                         "raise --max-voxels if the machine has the memory")
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError("the affine (voxel to world) is singular or not finite: fix the header (sform/qform)")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"data type {dtype} (complex or RGB) is not a magnitude image")
+
+
+def load(path: str | Path, max_voxels: int = 512**3) -> Volume:
+    """Read an image file without changing anything; raise InputError with a clear reason."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise InputError(f"cannot read as NIfTI/MGH: {exc}") from exc
+    return from_image(img, path, max_voxels)
+
+
+def from_image(img: nib.spatialimages.SpatialImage, path: Path | None = None, max_voxels: int = 512**3) -> Volume:
+    shape = tuple(int(s) for s in img.shape)
+    check_volume(img, shape, max_voxels)
+    try:
+        raw = np.asarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else np.asarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"cannot read the voxel data (truncated or corrupt file?): {exc}") from exc
+    if raw.ndim > 4:
+        raw = raw.reshape(raw.shape[:4])
+    return Volume(img, raw, path)
+
+
+def output_image(volume: Volume, raw: np.ndarray) -> nib.spatialimages.SpatialImage:
+    """A nibabel image holding ``raw`` with the input's header (for the Python API)."""
+    img = volume.img
+    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        out = img.__class__(raw.reshape(img.shape), None, img.header.copy())
+        slope, inter = volume.slope_inter
+        out.header.set_slope_inter(slope, inter)
+        return out
+    return img.__class__(raw.reshape(img.shape), img.affine, img.header.copy())
+
+
+def save(volume: Volume, raw: np.ndarray, path: str | Path) -> None:
+    """Write ``raw`` (stored dtype, native shape) to ``path`` with the input's header, atomically.
+
+    NIfTI: the original header and extensions are written byte for byte, then the stored
+    values; other formats go through nibabel. A temporary file in the same folder is renamed
+    over ``path`` at the end, so a killed run never leaves a partial file.
+    """
+    path = Path(path)
+    _, suffix = split_suffix(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        img = volume.img
+        if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and suffix in (".nii", ".nii.gz"):
+            header = img.header.copy()
+            header.set_data_shape(img.shape)
+            from nibabel.openers import Opener
+
+            with Opener(str(tmp), "wb") as f:
+                header.write_to(f)
+                array_to_file(raw.reshape(img.shape), f, header.get_data_dtype(), offset=header.get_data_offset(),
+                              order="F")
+        else:
+            nib.save(output_image(volume, raw), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_mask(volume: Volume, mask: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 mask on the input's grid (same affine, qform/sform codes), atomically."""
+    img = volume.img
+    path = Path(path)
+    _, suffix = split_suffix(path)
+    if suffix == ".mgz":
+        out = nib.MGHImage(mask.astype(np.uint8), img.affine)
+    else:
+        out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+        if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            out.set_sform(img.get_sform(), int(img.header["sform_code"]))
+            out.set_qform(img.get_qform(), int(img.header["qform_code"]))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(out, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,137 @@
+"""Turn network probabilities into the voxels to remove, with the brain protected by construction.
+
+On the canonical grid: face = argmax face, small islands dropped; protected = predicted brain
+(probability >= ``brain_threshold``) dilated by ``brain_margin_mm``; the air in front of the
+face (along the face direction, through voxels predicted background) is removed too. On the
+native grid: a voxel is removed only if it maps onto the removal mask and touches no protected
+canonical voxel at all, so no voxel of the dilated brain can change whatever the network says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from deface import BACKGROUND, BRAIN, FACE
+from deface.preprocessing import Grid, resample
+
+
+@dataclass
+class PostprocessConfig:
+    brain_margin_mm: float = 4.0
+    brain_threshold: float = 0.25
+    min_face_ml: float = 3.0
+    min_component_ml: float = 0.5
+    clear_air: bool = True
+    tissue_threshold: float = 0.08
+
+
+@dataclass
+class CanonicalMasks:
+    remove: torch.Tensor  # (X, Y, Z) bool, canonical grid
+    protect: torch.Tensor  # (X, Y, Z) bool
+    face_ml: float
+    face_found: bool
+
+
+def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
+    """Binary dilation with a cube of side 2r+1 (max-pooling), separable and fast."""
+    if radius_vox <= 0:
+        return mask
+    x = mask.float()[None, None]
+    k = 2 * radius_vox + 1
+    return (F.max_pool3d(x, k, stride=1, padding=radius_vox) > 0)[0, 0]
+
+
+def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[lab]
+
+
+def anterior_air(face: np.ndarray, background: np.ndarray, direction: tuple[int, int]) -> np.ndarray:
+    """Background voxels lying beyond the face along ``direction`` = (axis, +1/-1)."""
+    axis, sign = direction
+    f = np.flip(face, axis) if sign < 0 else face
+    beyond = np.maximum.accumulate(f, axis=axis)
+    beyond = np.flip(beyond, axis) if sign < 0 else beyond
+    return beyond & background & ~face
+
+
+def face_direction(face: np.ndarray, brain: np.ndarray) -> tuple[int, int]:
+    """The canonical axis and sign pointing from the brain centre to the face centre (+y if unknown)."""
+    if not face.any() or not brain.any():
+        return 1, 1
+    d = np.argwhere(face).mean(0) - np.argwhere(brain).mean(0)
+    axis = int(np.argmax(np.abs(d)))
+    return axis, (1 if d[axis] >= 0 else -1)
+
+
+def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
+                    inside: torch.Tensor | None = None, image: torch.Tensor | None = None) -> CanonicalMasks:
+    """Removal and protection masks on the canonical grid from probabilities (C, X, Y, Z).
+
+    With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
+    tissue signal: a skull-stripped or already defaced image has only air where a face was.
+    """
+    labels = probs.argmax(0)
+    voxel_ml = spacing**3 / 1000.0
+    face = (labels == FACE).numpy()
+    if inside is not None:
+        face &= inside.numpy()
+    if image is not None:
+        face &= (image > cfg.tissue_threshold).numpy()
+    face = drop_small_components(face, int(np.ceil(cfg.min_component_ml / voxel_ml)))
+    face_ml = float(face.sum() * voxel_ml)
+    brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
+    protect = dilate(brain_like, int(np.ceil(cfg.brain_margin_mm / spacing)))
+    found = face_ml >= cfg.min_face_ml
+    if not found:
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False)
+    remove = face
+    if cfg.clear_air:
+        background = (labels == BACKGROUND).numpy()
+        remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
+    remove_t = torch.from_numpy(remove) & ~protect
+    return CanonicalMasks(remove_t, protect, face_ml, True)
+
+
+def native_box(mask: torch.Tensor, canonical: Grid, native: Grid, pad: int = 2) -> tuple[slice, slice, slice] | None:
+    """The native index box covering the canonical ``mask`` (None when the mask is empty)."""
+    idx = torch.nonzero(mask)
+    if idx.numel() == 0:
+        return None
+    lo = idx.min(0).values.numpy() - 1
+    hi = idx.max(0).values.numpy() + 1
+    corners = np.array(np.meshgrid(*[[lo[i], hi[i]] for i in range(3)], indexing="ij")).reshape(3, -1)
+    m = np.linalg.inv(native.affine) @ canonical.affine
+    nat = m[:3, :3] @ corners + m[:3, 3:4]
+    start = np.maximum(np.floor(nat.min(1)).astype(int) - pad, 0)
+    stop = np.minimum(np.ceil(nat.max(1)).astype(int) + pad + 1, native.shape)
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def to_native(masks: CanonicalMasks, canonical: Grid, native: Grid
+              ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None, np.ndarray | None]:
+    """(remove mask on the native grid, the native box it lies in, protected mask inside the box)."""
+    out = np.zeros(native.shape, dtype=bool)
+    box = native_box(masks.remove, canonical, native)
+    if box is None:
+        return out, None, None
+    stacked = torch.stack([masks.remove.float(), masks.protect.float()])
+    # Native voxel -> canonical index is what resample computes when the roles are swapped:
+    sampled = resample(stacked, canonical.affine, native, mode="bilinear", dst_box=box)
+    remove = sampled[0] >= 0.5
+    protected = sampled[1] > 0  # touches any protected canonical voxel
+    out[box] = (remove & ~protected).numpy()
+    return out, box, protected.numpy()
