@@ -123,7 +123,7 @@ def output_image(volume: Volume, raw: np.ndarray) -> nib.spatialimages.SpatialIm
     """A nibabel image holding ``raw`` with the input's header (for the Python API)."""
     img = volume.img
     if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        out = img.__class__(raw.reshape(img.shape), None, img.header.copy())
+        out = img.__class__(raw.reshape(img.shape), img.affine, img.header.copy())
         slope, inter = volume.slope_inter
         out.header.set_slope_inter(slope, inter)
         return out

@@ -1,0 +1,116 @@
+"""The wrapper's promise: brain untouched, only masked voxels change, same mask in any orientation."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from deface import BRAIN, FACE, io
+from tests.conftest import make_phantom, oracle_probs, phantom_truth, world_points
+
+
+def deface_with_oracle(defacer, img):
+    volume, canon = defacer.prepare(img)
+    return defacer.apply(volume, canon, oracle_probs(defacer, canon))
+
+
+def test_removes_face_keeps_everything_else(defacer):
+    img = make_phantom()
+    result = deface_with_oracle(defacer, img)
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    assert result.stats["face_found"] and result.stats["brain_voxels_changed"] == 0
+    face = truth == FACE
+    assert result.mask[face].mean() > 0.8  # most of the face is removed
+    assert not result.mask[truth == BRAIN].any()
+    changed = result.raw != result.volume.raw
+    assert not (changed & ~result.mask).any()  # bit-identical outside the mask
+    out = result.image
+    assert out.shape == img.shape and np.array_equal(out.affine, img.affine)
+    assert out.get_data_dtype() == img.get_data_dtype()
+
+
+def test_brain_protected_even_when_network_says_face(defacer):
+    img = make_phantom()
+    volume, canon = defacer.prepare(img)
+    probs = oracle_probs(defacer, canon)
+    brain = probs[BRAIN] > 0.5
+    # The network claims face with 0.7 everywhere, brain with 0.3 where the brain is.
+    probs = torch.zeros_like(probs)
+    probs[FACE] = 0.7
+    probs[BRAIN][brain] = 0.3
+    probs[0][~brain] = 0.3
+    result = defacer.apply(volume, canon, probs)
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    assert result.mask.any()
+    assert not result.mask[truth == BRAIN].any()
+    assert result.stats["brain_voxels_changed"] == 0
+    assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+
+
+def reorder(img: nib.Nifti1Image, perm, flips) -> nib.Nifti1Image:
+    """The same image with axes permuted and flipped (a different axis code, same world)."""
+    data = np.asanyarray(img.dataobj)
+    ornt = np.array([[p, -1 if f else 1] for p, f in zip(perm, flips)])
+    inv = nib.orientations.ornt_transform(np.array([[i, 1] for i in range(3)]), ornt)
+    new = nib.orientations.apply_orientation(data, inv)
+    aff = img.affine @ nib.orientations.inv_ornt_aff(inv, data.shape)
+    return nib.Nifti1Image(new, aff)
+
+
+@pytest.mark.parametrize("perm,flips", [((0, 1, 2), (0, 0, 0)), ((1, 0, 2), (1, 0, 0)), ((2, 1, 0), (0, 1, 1)),
+                                        ((1, 2, 0), (1, 1, 1))])
+def test_same_world_mask_in_any_axis_order(defacer, perm, flips):
+    ref = make_phantom()
+    ref_mask = deface_with_oracle(defacer, ref).mask
+    img = reorder(ref, perm, flips)
+    mask = deface_with_oracle(defacer, img).mask
+    back = nib.orientations.apply_orientation(
+        mask.astype(np.uint8), nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.io_orientation(ref.affine)))
+    assert np.array_equal(back.astype(bool), ref_mask)
+
+
+def test_oblique_affine_mask_agrees_in_world(defacer):
+    straight, oblique = make_phantom(), make_phantom(angle_deg=20.0)
+    for img in (straight, oblique):
+        result = deface_with_oracle(defacer, img)
+        truth = phantom_truth(world_points(img.shape, img.affine))
+        assert result.mask[truth == FACE].mean() > 0.8
+        assert not result.mask[truth == BRAIN].any()
+
+
+def test_4d_mask_applied_to_every_volume(defacer):
+    img3 = make_phantom()
+    data = np.stack([np.asanyarray(img3.dataobj)] * 3, -1)
+    img = nib.Nifti1Image(data, img3.affine, img3.header)
+    result = deface_with_oracle(defacer, img)
+    assert result.raw.shape == data.shape
+    for t in range(3):
+        changed = result.raw[..., t] != data[..., t]
+        assert changed.any() and not (changed & ~result.mask).any()
+
+
+@pytest.mark.parametrize("mode", ["zero", "noise", "blur", "fill"])
+def test_modes_change_only_the_mask(tiny_metadata, mode):
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode=mode,
+                fill_value=77.0)
+    result = deface_with_oracle(d, make_phantom())
+    changed = result.raw != result.volume.raw
+    assert changed.any() and not (changed & ~result.mask).any()
+    if mode == "fill":
+        assert np.all(result.raw[result.mask] == 77)
+
+
+def test_random_network_runs_end_to_end(defacer):
+    result = defacer.deface(make_phantom(angle_deg=10.0))
+    assert result.stats["brain_voxels_changed"] == 0
+    assert result.stats["changed_outside_mask"] == 0
+
+
+def test_constant_image_is_refused(defacer):
+    with pytest.raises(io.InputError):
+        defacer.deface(nib.Nifti1Image(np.zeros((20, 22, 24), np.float32), np.eye(4)))

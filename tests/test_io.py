@@ -1,0 +1,70 @@
+"""IO: the output keeps the input's bytes, header, grid and dtype."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from deface import io
+from tests.conftest import make_phantom
+
+
+def header_bytes(path) -> bytes:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return f.read(int(nib.load(str(path)).header.get_data_offset()))
+
+
+@pytest.mark.parametrize("dtype,slope", [(np.uint8, None), (np.int16, 2.0), (np.uint16, None), (np.int32, 0.5),
+                                         (np.float32, None), (np.float64, 3.0)])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_roundtrip_keeps_header_and_bytes(tmp_path, dtype, slope, suffix):
+    img = make_phantom(dtype=dtype, slope=slope)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment extension"))
+    src = tmp_path / f"in{suffix}"
+    nib.save(img, str(src))
+    vol = io.load(src)
+    assert vol.raw.dtype == np.dtype(dtype)
+    out = tmp_path / f"out{suffix}"
+    io.save(vol, vol.raw, out)
+    assert header_bytes(out) == header_bytes(src)
+    a, b = nib.load(str(src)), nib.load(str(out))
+    assert np.array_equal(np.asanyarray(a.dataobj.get_unscaled()), np.asanyarray(b.dataobj.get_unscaled()))
+    assert np.array_equal(a.affine, b.affine) and a.shape == b.shape
+    assert a.header["sform_code"] == b.header["sform_code"] and a.header["qform_code"] == b.header["qform_code"]
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_scaled_and_to_raw_invert(tmp_path):
+    img = make_phantom(dtype=np.int16, slope=2.0)
+    nib.save(img, str(tmp_path / "a.nii.gz"))
+    vol = io.load(tmp_path / "a.nii.gz")
+    assert np.allclose(vol.scaled(), np.asanyarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj))
+    assert np.array_equal(vol.to_raw(vol.scaled()), vol.raw)
+
+
+@pytest.mark.parametrize("shape", [(10, 12), (4, 4, 4, 2, 3)])
+def test_refuses_wrong_dimensionality(tmp_path, shape):
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), str(tmp_path / "x.nii"))
+    with pytest.raises(io.InputError):
+        io.load(tmp_path / "x.nii")
+
+
+def test_refuses_singular_affine(tmp_path):
+    class ZeroSliceImage:  # nibabel itself refuses to build one, but files in the wild have them
+        affine = np.diag([1.0, 1.0, 0.0, 1.0])
+
+        def get_data_dtype(self):
+            return np.dtype(np.float32)
+
+    with pytest.raises(io.InputError, match="affine"):
+        io.check_volume(ZeroSliceImage(), (8, 8, 8), 10**6)
+
+
+def test_refuses_garbage_bytes(tmp_path):
+    (tmp_path / "r.nii").write_bytes(b"\x00\x01not a nifti" * 10)
+    with pytest.raises(io.InputError):
+        io.load(tmp_path / "r.nii")
