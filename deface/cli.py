@@ -70,7 +70,7 @@ def expand_inputs(items: list[str]) -> list[Path]:
         elif any(c in item for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(item) if is_image_file(Path(p)))
         else:
-            found = [path]
+            found = [path] if path.exists() or path.is_symlink() else []
         if not found:
             raise UsageError(f"{item}: no such file, or no NIfTI/MGH files in it")
         out.extend(p for p in found if p not in out)

@@ -1,0 +1,96 @@
+"""deface-infer: naming, overwrite rules, exit codes, --applyto, --help without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from deface import cli
+from tests.conftest import make_phantom
+
+
+@pytest.fixture
+def tiny_weights(tmp_path_factory, tiny_metadata):
+    """A weights folder holding a tiny random network, exported like the real ones."""
+    import torch
+
+    from deface.network import build_network
+    from deface.weights import export_weights
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("weights")
+    export_weights(build_network(tiny_metadata["architecture"]).state_dict(), tiny_metadata, out, "deface_tiny")
+    return out
+
+
+def run(args, weights):
+    return cli.main([*map(str, args), "--weights", str(weights), "--device", "cpu", "-q"])
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from deface import cli; cli.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    help_out = subprocess.run([sys.executable, "-m", "deface.cli", "--help"], capture_output=True, text=True)
+    assert help_out.returncode == 0 and "--applyto" in help_out.stdout
+
+
+def test_default_name_beside_input_and_no_overwrite(tmp_path, tiny_weights):
+    src = tmp_path / "sub-01_T1w.nii.gz"
+    nib.save(make_phantom(), str(src))
+    assert run([src, "--save-mask"], tiny_weights) == 0
+    out = tmp_path / "sub-01_T1w_defaced.nii.gz"
+    assert out.exists() and (tmp_path / "sub-01_T1w_defacemask.nii.gz").exists()
+    before = out.read_bytes()
+    assert run([src], tiny_weights) == 1  # exists, no --force
+    assert out.read_bytes() == before
+    assert run([src, "--skip-existing"], tiny_weights) == 0
+    assert run([src, "--force"], tiny_weights) == 0
+
+
+def test_never_overwrites_input(tmp_path, tiny_weights):
+    src = tmp_path / "a.nii.gz"
+    nib.save(make_phantom(), str(src))
+    data = src.read_bytes()
+    assert run([src, "--outfile", src, "--force"], tiny_weights) == 2
+    assert src.read_bytes() == data
+
+
+def test_usage_errors_exit_2(tmp_path, tiny_weights):
+    assert run([tmp_path / "missing.nii.gz"], tiny_weights) == 2
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    for p in (a, b):
+        nib.save(make_phantom(), str(p))
+    assert run([a, b, "--outfile", tmp_path / "o.nii.gz"], tiny_weights) == 2
+
+
+def test_same_name_from_two_folders_is_refused(tmp_path, tiny_weights):
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        nib.save(make_phantom(), str(tmp_path / d / "t1.nii.gz"))
+    assert run([tmp_path / "x", tmp_path / "y", "-o", tmp_path / "out"], tiny_weights) == 2
+
+
+def test_bad_file_fails_alone(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(make_phantom(), str(folder / "good.nii.gz"))
+    (folder / "bad.nii.gz").write_bytes(b"garbage")
+    assert run([folder, "-o", tmp_path / "out"], tiny_weights) == 1
+    assert (tmp_path / "out" / "good_defaced.nii.gz").exists()
+    assert not (tmp_path / "out" / "bad_defaced.nii.gz").exists()
+
+
+def test_applyto_resampled_grid(tmp_path, tiny_weights):
+    t1, t2 = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"
+    nib.save(make_phantom(), str(t1))
+    nib.save(make_phantom(shape=(40, 50, 44), zooms=(5.0, 4.5, 5.0), angle_deg=5.0), str(t2))
+    assert run([t1, "--applyto", t2, "-o", tmp_path / "out", "--save-mask"], tiny_weights) in (0,)
+    out2 = tmp_path / "out" / "t2_defaced.nii.gz"
+    assert out2.exists()
+    a, b = nib.load(str(t2)), nib.load(str(out2))
+    assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
