@@ -17,18 +17,21 @@ from pathlib import Path
 from deface import __version__
 
 log = logging.getLogger("deface")
+EXAMPLE_HEAD = Path(__file__).resolve().parent / "examples" / "colin27_t1_2mm.nii.gz"
 
 EPILOG = """examples:
   deface-infer sub-01_T1w.nii.gz                    writes sub-01_T1w_defaced.nii.gz beside it
   deface-infer scans/ -o defaced/ --save-mask       every NIfTI/MGH file in scans/
   deface-infer t1.nii.gz --applyto t2.nii.gz flair.nii.gz   same mask on co-registered images
+  deface-infer --example -o out/ --qc               the shipped example head, with a QC picture
 exit status: 0 all done, 1 some files failed (the rest were done), 2 usage error"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deface-infer", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs")
+    p.add_argument("inputs", nargs="*", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs")
+    p.add_argument("--example", action="store_true", help="deface the example head shipped with the package")
     p.add_argument("-o", "--outdir", type=Path, help="output folder (default: beside each input)")
     p.add_argument("--outfile", type=Path, help="output file, for a single input")
     p.add_argument("--suffix", default="_defaced", help="added to output names (default: _defaced)")
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how face voxels are replaced (default: zero)")
     p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
     p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
+    p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (needs matplotlib)")
     p.add_argument("--applyto", nargs="+", type=Path, default=[], metavar="IMAGE",
                    help="co-registered images to deface with the mask of the (single) input")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
+        if args.example:
+            args.inputs.append(str(EXAMPLE_HEAD))
+        if not args.inputs:
+            raise UsageError("no input given (files, folders or globs; or --example)")
         inputs = expand_inputs(args.inputs)
         if args.applyto and len(inputs) != 1:
             raise UsageError("--applyto needs exactly one input image")
@@ -217,6 +225,12 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         if args.save_mask:
             stem, _ = io.split_suffix(dst)
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
+        if args.qc:
+            from deface.qc import qc_png
+
+            stem, _ = io.split_suffix(dst)
+            qc_png(volume.reference(), result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0]),
+                   result.mask, volume.affine, dst.with_name(f"{stem}.png"))
         for other in args.applyto:
             apply_mask_to(result, other, args, io)
         s = result.stats
