@@ -1,0 +1,81 @@
+"""Seconds per stage and peak memory for defacing a 1 mm 256^3 head (CPU, and CUDA when present).
+
+    python scripts/benchmark.py [--threads 2] [--repeats 3] [--weights DIR]
+
+The head is the shipped example (Colin27) resampled to 1 mm on a 256^3 int16 grid.
+Targets on 2 CPU cores: <= 3 s end to end, <= 2 GB peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+
+def make_head(folder: Path) -> Path:
+    from deface.cli import EXAMPLE_HEAD
+    from deface.preprocessing import Grid, resample
+
+    src = nib.load(str(EXAMPLE_HEAD))
+    affine = np.eye(4)
+    affine[:3, 3] = -128.0 + np.array([0.0, 10.0, -20.0])
+    data = resample(torch.from_numpy(np.asarray(src.dataobj, np.float32))[None], src.affine,
+                    Grid((256, 256, 256), affine))[0].numpy()
+    path = folder / "head_1mm_256.nii.gz"
+    nib.save(nib.Nifti1Image((data * 10).astype(np.int16), affine), str(path))
+    return path
+
+
+def bench(device: str, path: Path, out: Path, repeats: int, weights: str | None) -> None:
+    from deface import io
+    from deface.inference import Defacer
+
+    d = Defacer(weights=weights, device=device)
+    rows = []
+    for i in range(repeats + 1):
+        t = [time.perf_counter()]
+        volume = io.load(path)
+        t.append(time.perf_counter())
+        volume, canon = d.prepare(volume)
+        t.append(time.perf_counter())
+        probs = d.predict([canon])[0]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        result = d.apply(volume, canon, probs)
+        t.append(time.perf_counter())
+        io.save(volume, result.raw, out)
+        t.append(time.perf_counter())
+        if i > 0:  # the first run warms up
+            rows.append(np.diff(t))
+    m = np.median(rows, axis=0)
+    names = ["load", "preprocess", "network", "postprocess", "save"]
+    print(f"{device}: " + "  ".join(f"{n} {v:.2f}s" for n, v in zip(names, m)) + f"  total {m.sum():.2f}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--weights", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_head(Path(tmp))
+        print(f"input: 256x256x256 int16, 1 mm; torch threads {args.threads}")
+        bench("cpu", path, Path(tmp) / "out.nii.gz", args.repeats, args.weights)
+        if torch.cuda.is_available():
+            bench("cuda", path, Path(tmp) / "out.nii.gz", args.repeats, args.weights)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB (whole process, including the test-head creation)")
+
+
+if __name__ == "__main__":
+    main()
