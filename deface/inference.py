@@ -21,7 +21,7 @@ import torch
 from deface import io
 from deface.network import build_network, downsampling_factor
 from deface.postprocessing import PostprocessConfig, canonical_masks, to_native
-from deface.preprocessing import CanonicalInput, Grid, to_canonical
+from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
 MODES = ("zero", "noise", "blur", "fill")
@@ -155,7 +155,7 @@ class Defacer:
                 vol[remove] = volume.to_raw(rng.choice(air, size=int(remove.sum()), replace=True))
             elif self.mode == "blur":
                 box = tuple(slice(max(s.min() - 8, 0), s.max() + 9) for s in np.nonzero(remove))
-                sigma = 6.0 / np.maximum(io_voxel_sizes(volume.affine), 1e-3)
+                sigma = 6.0 / np.maximum(voxel_sizes(volume.affine), 1e-3)
                 from scipy.ndimage import gaussian_filter
 
                 smooth = gaussian_filter(volume.scaled(vol[box]), sigma)
@@ -177,6 +177,3 @@ class Defacer:
         result.stats.update(load_preprocess_s=round(t1 - t0, 3), network_s=round(t2 - t1, 3))
         return result
 
-
-def io_voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
