@@ -236,10 +236,13 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         s = result.stats
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
-        if not s["face_found"]:
+        if s.get("brain_only"):
+            log.warning("%s: looks brain-only (skull-stripped): nothing removed", src)
+        elif not s["face_found"]:
             log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", src)
         log.info("%s -> %s: %s (%.2f s)", src, dst, msg, net_s + time.perf_counter() - t0)
-        return src, "done" if s["face_found"] else "no face", msg
+        status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
+        return src, status, msg
     except Exception as exc:
         log.error("%s: %s", src, exc)
         return src, "failed", str(exc)

@@ -127,6 +127,7 @@ class Defacer:
         voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         stats = {
             "face_found": masks.face_found,
+            "brain_only": masks.brain_only,
             "face_ml_predicted": round(masks.face_ml, 2),
             "removed_ml": round(float(remove.sum()) * voxel_ml, 2),
             "removed_voxels": int(remove.sum()),

@@ -28,6 +28,11 @@ class PostprocessConfig:
     min_component_ml: float = 0.5
     clear_air: bool = True
     tissue_threshold: float = 0.08
+    # Brain-only guard: an image whose head tissue lies almost all within ``brain_only_margin_mm``
+    # of the predicted brain (fraction and volume below both limits) is skull-stripped: keep it whole.
+    brain_only_margin_mm: float = 8.0
+    brain_only_fraction: float = 0.2
+    brain_only_ml: float = 400.0
 
 
 @dataclass
@@ -36,6 +41,7 @@ class CanonicalMasks:
     protect: torch.Tensor  # (X, Y, Z) bool
     face_ml: float
     face_found: bool
+    brain_only: bool = False
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -75,12 +81,29 @@ def face_direction(face: np.ndarray, brain: np.ndarray) -> tuple[int, int]:
     return axis, (1 if d[axis] >= 0 else -1)
 
 
+def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig) -> bool:
+    """True when nearly all head tissue lies within a margin of the brain (a skull-stripped image).
+
+    ``tissue``: voxels holding signal; ``brain``: predicted brain, both on the canonical grid. A
+    whole head, even cropped tightly around the face, has hundreds of mL of scalp, skull, face and
+    neck beyond the margin; a brain-extracted image has only stray rim voxels there.
+    """
+    filled = ndi.binary_fill_holes(tissue)
+    total = int(filled.sum())
+    if total == 0:
+        return False
+    near = dilate(brain, int(np.ceil(cfg.brain_only_margin_mm / spacing))).numpy()
+    beyond = int((filled & ~near).sum())
+    return beyond / total < cfg.brain_only_fraction and beyond * spacing**3 / 1000.0 < cfg.brain_only_ml
+
+
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                     inside: torch.Tensor | None = None, image: torch.Tensor | None = None) -> CanonicalMasks:
     """Removal and protection masks on the canonical grid from probabilities (C, X, Y, Z).
 
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
-    tissue signal: a skull-stripped or already defaced image has only air where a face was.
+    tissue signal (an already defaced image has only air where a face was), and nothing is
+    removed from an image that looks brain-only (``looks_brain_only``).
     """
     labels = probs.argmax(0)
     voxel_ml = spacing**3 / 1000.0
@@ -94,8 +117,14 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     protect = dilate(brain_like, int(np.ceil(cfg.brain_margin_mm / spacing)))
     found = face_ml >= cfg.min_face_ml
-    if not found:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False)
+    brain_only = False
+    if found and image is not None:
+        tissue = (image > cfg.tissue_threshold).numpy()
+        if inside is not None:
+            tissue &= inside.numpy()
+        brain_only = looks_brain_only(tissue, labels == BRAIN, spacing, cfg)
+    if not found or brain_only:
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()

@@ -114,3 +114,23 @@ def test_random_network_runs_end_to_end(defacer):
 def test_constant_image_is_refused(defacer):
     with pytest.raises(io.InputError):
         defacer.deface(nib.Nifti1Image(np.zeros((20, 22, 24), np.float32), np.eye(4)))
+
+
+def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
+    """A skull-stripped head whose frontal lobe the network calls face: nothing may change."""
+    img = make_phantom()
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    stripped = nib.Nifti1Image(np.where(truth == BRAIN, np.asanyarray(img.dataobj), 0).astype(np.int16), img.affine)
+    volume, canon = defacer.prepare(stripped)
+    probs = oracle_probs(defacer, canon)
+    points = world_points(canon.grid.shape, canon.grid.affine)
+    frontal = (probs[BRAIN] > 0.5) & torch.from_numpy(points[..., 1] > 40)
+    probs[FACE][frontal], probs[BRAIN][frontal] = 1.0, 0.0
+    result = defacer.apply(volume, canon, probs)
+    assert result.stats["brain_only"] and not result.stats["face_found"]
+    assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
+
+
+def test_whole_head_is_not_taken_for_brain_only(defacer):
+    result = deface_with_oracle(defacer, make_phantom())
+    assert not result.stats["brain_only"] and result.stats["removed_voxels"] > 0
