@@ -62,11 +62,13 @@ class UsageError(Exception):
     pass
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, folders (their NIfTI/MGH files, not recursive) and globs, in order, without repeats."""
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """(files, items that matched nothing): files, folders (their NIfTI/MGH files, not recursive)
+    and globs, in order, without repeats."""
     from deface.io import is_image_file
 
     out: list[Path] = []
+    missing: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
@@ -76,9 +78,9 @@ def expand_inputs(items: list[str]) -> list[Path]:
         else:
             found = [path] if path.exists() or path.is_symlink() else []
         if not found:
-            raise UsageError(f"{item}: no such file, or no NIfTI/MGH files in it")
+            missing.append(item)
         out.extend(p for p in found if p not in out)
-    return out
+    return out, missing
 
 
 def output_path(src: Path, args: argparse.Namespace, suffix: str) -> Path:
@@ -132,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             args.inputs.append(str(EXAMPLE_HEAD))
         if not args.inputs:
             raise UsageError("no input given (files, folders or globs; or --example)")
-        inputs = expand_inputs(args.inputs)
+        inputs, missing = expand_inputs(args.inputs)
+        if not inputs:
+            raise UsageError(f"{missing[0]}: no such file, or no NIfTI/MGH files in it")
         if args.applyto and len(inputs) != 1:
             raise UsageError("--applyto needs exactly one input image")
         if args.batch_size < 1 or args.workers < 0:
@@ -146,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     todo, results = [], []
+    for item in missing:
+        log.error("%s: no such file, or no NIfTI/MGH files in it; check the path", item)
+        results.append((Path(item), "failed", "no such file, or no NIfTI/MGH files in it"))
     for src, dst in pairs:
         if dst.exists() and args.skip_existing:
             log.info("%s: output exists, skipped", src)
@@ -194,8 +201,8 @@ def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace
             ok = [(pair, p) for pair, (p, err) in zip(batch, prepared) if p is not None]
             for (src, _), (p, err) in zip(batch, prepared):
                 if p is None:
-                    log.error("%s: %s", src, err)
-                    results.append((src, "failed", str(err)))
+                    log.error("%s: %s", src, io.one_line(err))
+                    results.append((src, "failed", io.one_line(err)))
             if not ok:
                 bar.update(len(batch))
                 continue
@@ -204,8 +211,8 @@ def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace
                 probs = defacer.predict([p[1] for _, p in ok])
             except Exception as exc:
                 for (src, _), _p in ok:
-                    log.error("%s: network failed: %s", src, exc)
-                    results.append((src, "failed", f"network: {exc}"))
+                    log.error("%s: network failed: %s", src, io.one_line(exc))
+                    results.append((src, "failed", f"network: {io.one_line(exc)}"))
                 continue
             net_s = (time.perf_counter() - t0) / len(ok)
             for ((src, dst), (volume, canon)), pr in zip(ok, probs):
@@ -244,8 +251,8 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
         return src, status, msg
     except Exception as exc:
-        log.error("%s: %s", src, exc)
-        return src, "failed", str(exc)
+        log.error("%s: %s", src, io.one_line(exc))
+        return src, "failed", io.one_line(exc)
 
 
 def apply_mask_to(result, other: Path, args, io) -> None:

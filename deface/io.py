@@ -23,6 +23,14 @@ class InputError(ValueError):
     """The file cannot be defaced (unreadable, wrong dimensionality, bad affine ...)."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as a single line: what went wrong, with a hint for unexpected errors."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    if isinstance(exc, (InputError, OSError)):
+        return text
+    return f"{text} ({exc.__class__.__name__}; unexpected: please report it with the file's header)"
+
+
 def split_suffix(path: Path) -> tuple[str, str]:
     """('name', '.nii.gz') for 'name.nii.gz'; the suffix is one of SUFFIXES or ''."""
     name = path.name
@@ -102,9 +110,25 @@ def load(path: str | Path, max_voxels: int = 512**3) -> Volume:
     path = Path(path)
     try:
         img = nib.load(str(path))
+    except OSError:
+        raise
     except Exception as exc:
-        raise InputError(f"cannot read as NIfTI/MGH: {exc}") from exc
+        raise InputError(f"not a readable NIfTI/MGH image ({' '.join(str(exc).split())}); "
+                         "check that the file is complete, or re-convert it") from exc
+    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and int(img.header["sform_code"]) == 0:
+        _check_stored_pixdims(img, path)
     return from_image(img, path, max_voxels)
+
+
+def _check_stored_pixdims(img: nib.Nifti1Image, path: Path) -> None:
+    """nibabel silently turns zero voxel sizes into 1 mm; without an sform that makes the geometry up."""
+    from nibabel.openers import Opener
+
+    with Opener(str(path), "rb") as f:
+        stored = img.header.__class__.from_fileobj(f, check=False)
+    if np.any(np.asarray(stored["pixdim"][1:4]) == 0):
+        raise InputError("the voxel sizes (pixdim) are zero and there is no sform: the geometry is unknown; "
+                         "fix the header (e.g. re-convert from DICOM)")
 
 
 def from_image(img: nib.spatialimages.SpatialImage, path: Path | None = None, max_voxels: int = 512**3) -> Volume:
@@ -113,7 +137,8 @@ def from_image(img: nib.spatialimages.SpatialImage, path: Path | None = None, ma
     try:
         raw = np.asarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else np.asarray(img.dataobj)
     except Exception as exc:
-        raise InputError(f"cannot read the voxel data (truncated or corrupt file?): {exc}") from exc
+        reason = " ".join(str(exc).split()).replace(f" from {path}", "") if path else " ".join(str(exc).split())
+        raise InputError(f"the voxel data is truncated or corrupt ({reason}); re-copy or re-convert the file") from exc
     if raw.ndim > 4:
         raw = raw.reshape(raw.shape[:4])
     return Volume(img, raw, path)

@@ -1,6 +1,7 @@
 """Turn network probabilities into the voxels to remove, with the brain protected by construction.
 
-On the canonical grid: face = argmax face, small islands dropped; protected = predicted brain
+On the canonical grid: face = argmax face holding tissue signal, small islands and components
+that do not touch air dropped; protected = predicted brain
 (probability >= ``brain_threshold``) dilated by ``brain_margin_mm``; the air in front of the
 face (along the face direction, through voxels predicted background) is removed too. On the
 native grid: a voxel is removed only if it maps onto the removal mask and touches no protected
@@ -28,6 +29,7 @@ class PostprocessConfig:
     min_component_ml: float = 0.5
     clear_air: bool = True
     tissue_threshold: float = 0.08
+    min_air_ml: float = 2.0  # a face must touch an air region at least this large
     # Brain-only guard: an image whose head tissue lies almost all within ``brain_only_margin_mm``
     # of the predicted brain (fraction and volume below both limits) is skull-stripped: keep it whole.
     brain_only_margin_mm: float = 8.0
@@ -59,6 +61,22 @@ def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
         return mask
     sizes = np.bincount(lab.ravel())
     keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[lab]
+
+
+def keep_components_touching(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected components of ``mask`` with a voxel next to ``other``.
+
+    Facial soft tissue lies under the skin, so every real face component touches the air in
+    front of it; a "face" found deep in tissue (or in an image with no air at all) is not one.
+    """
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    touching = np.unique(lab[ndi.binary_dilation(other) & mask])
+    keep = np.zeros(n + 1, bool)
+    keep[touching] = True
     keep[0] = False
     return keep[lab]
 
@@ -113,6 +131,12 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     if image is not None:
         face &= (image > cfg.tissue_threshold).numpy()
     face = drop_small_components(face, int(np.ceil(cfg.min_component_ml / voxel_ml)))
+    if image is not None:
+        air = (image <= cfg.tissue_threshold).numpy()
+        if inside is not None:
+            air &= inside.numpy()
+        air = drop_small_components(air, int(np.ceil(cfg.min_air_ml / voxel_ml)))  # not dark noise specks
+        face = keep_components_touching(face, air)
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     protect = dilate(brain_like, int(np.ceil(cfg.brain_margin_mm / spacing)))

@@ -92,3 +92,17 @@ def defacer(tiny_metadata):
 
     torch.manual_seed(0)
     return Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu")
+
+
+@pytest.fixture
+def tiny_weights(tmp_path_factory, tiny_metadata):
+    """A weights folder holding a tiny random network, exported like the real ones."""
+    import torch
+
+    from deface.network import build_network
+    from deface.weights import export_weights
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("weights")
+    export_weights(build_network(tiny_metadata["architecture"]).state_dict(), tiny_metadata, out, "deface_tiny")
+    return out

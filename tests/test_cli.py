@@ -13,20 +13,6 @@ from deface import cli
 from tests.conftest import make_phantom
 
 
-@pytest.fixture
-def tiny_weights(tmp_path_factory, tiny_metadata):
-    """A weights folder holding a tiny random network, exported like the real ones."""
-    import torch
-
-    from deface.network import build_network
-    from deface.weights import export_weights
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("weights")
-    export_weights(build_network(tiny_metadata["architecture"]).state_dict(), tiny_metadata, out, "deface_tiny")
-    return out
-
-
 def run(args, weights):
     return cli.main([*map(str, args), "--weights", str(weights), "--device", "cpu", "-q"])
 
