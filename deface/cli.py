@@ -9,6 +9,7 @@ import argparse
 import glob
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +113,29 @@ def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Pat
     return pairs
 
 
+def remove_stale_temporaries(pairs: list[tuple[Path, Path]]) -> None:
+    """Delete temporary files a killed run left in our output folders (``.<name>.<pid>.tmp<ext>``).
+
+    Only files of processes that no longer run are removed, so two runs can share a folder.
+    """
+    for folder in {dst.parent for _, dst in pairs}:
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            match = re.fullmatch(r"\..+\.(\d+)\.tmp(\.nii\.gz|\.nii|\.mgz)?", tmp.name)
+            if match and not _running(int(match.group(1))):
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s left by an interrupted run", tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def progress(total: int, enabled: bool):
     try:
         from tqdm import tqdm
@@ -149,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deface-infer: error: {exc}", file=sys.stderr)
         return 2
 
+    remove_stale_temporaries(pairs)
     todo, results = [], []
     for item in missing:
         log.error("%s: no such file, or no NIfTI/MGH files in it; check the path", item)
@@ -228,10 +253,10 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
     try:
         t0 = time.perf_counter()
         result = defacer.apply(volume, canon, probs)
-        io.save(volume, result.raw, dst)
-        if args.save_mask:
+        if args.save_mask:  # the mask first: an existing output then always has its mask (--skip-existing)
             stem, _ = io.split_suffix(dst)
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
+        io.save(volume, result.raw, dst)
         if args.qc:
             from deface.qc import qc_png
 

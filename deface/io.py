@@ -98,7 +98,9 @@ def check_volume(img: nib.spatialimages.SpatialImage, shape: tuple[int, ...], ma
         raise InputError(f"image has {int(np.prod(shape, dtype=np.int64))} voxels, over the limit of {max_voxels}; "
                          "raise --max-voxels if the machine has the memory")
     affine = np.asarray(img.affine, dtype=float)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+    with np.errstate(invalid="ignore", over="ignore"):
+        singular = not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6
+    if singular:
         raise InputError("the affine (voxel to world) is singular or not finite: fix the header (sform/qform)")
     dtype = img.get_data_dtype()
     if dtype.fields is not None or np.issubdtype(dtype, np.complexfloating):

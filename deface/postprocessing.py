@@ -51,8 +51,10 @@ def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
     if radius_vox <= 0:
         return mask
     x = mask.float()[None, None]
-    k = 2 * radius_vox + 1
-    return (F.max_pool3d(x, k, stride=1, padding=radius_vox) > 0)[0, 0]
+    k, r = 2 * radius_vox + 1, radius_vox
+    for kernel, pad in (((k, 1, 1), (r, 0, 0)), ((1, k, 1), (0, r, 0)), ((1, 1, k), (0, 0, r))):
+        x = F.max_pool3d(x, kernel, stride=1, padding=pad)
+    return (x > 0)[0, 0]
 
 
 def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -65,6 +65,7 @@ def antialias(data: torch.Tensor, affine: np.ndarray, spacing: float) -> tuple[t
     Returns the pooled data and its affine; avoids aliasing when a 1 mm scan is sampled at 2 mm.
     """
     k = np.maximum(np.floor(spacing / voxel_sizes(affine) + 1e-3), 1).astype(int)
+    k = np.minimum(k, np.array(data.shape[1:4]))  # never wider than the image itself
     if np.all(k == 1):
         return data, affine
     pooled = F.avg_pool3d(data[None], kernel_size=tuple(k), stride=tuple(k), ceil_mode=True)[0]
