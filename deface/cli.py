@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how face voxels are replaced (default: zero)")
     p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
     p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
-    p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (needs matplotlib)")
+    p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (renders, slices, face-detector "
+                   "check when installed) and deface_report.html (needs matplotlib)")
+    p.add_argument("--qc-resolution", type=float, default=1.0, metavar="MM", help="render pixel size for --qc (default 1)")
     p.add_argument("--applyto", nargs="+", type=Path, default=[], metavar="IMAGE",
                    help="co-registered images to deface with the mask of the (single) input")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
@@ -197,8 +199,28 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot load the model: %s", exc)
         return 1
     log.info("deface %s on %s, %d file(s)", __version__, defacer.device, len(todo))
+    args.report_rows = []
     results += run_batches(defacer, todo, args)
+    if args.qc:
+        write_report(results, args)
     return summarize(results)
+
+
+def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace) -> None:
+    """deface_report.html in the output folder (or beside the first output): every file, flagged first."""
+    from deface.qc import html_report
+
+    rows = {r["file"]: r for r in args.report_rows}
+    merged = []
+    for src, status, detail in results:
+        row = rows.get(str(src), {"file": str(src)})
+        row.update(status=status, details=detail)
+        merged.append(row)
+    folder = args.outdir if args.outdir is not None else (Path(args.report_rows[0]["output"]).parent
+                                                           if args.report_rows else Path.cwd())
+    path = folder / "deface_report.html"
+    html_report(merged, path)
+    log.info("QC report: %s", path)
 
 
 def _prepare(defacer, src: Path):
@@ -257,15 +279,11 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             stem, _ = io.split_suffix(dst)
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
         io.save(volume, result.raw, dst)
-        if args.qc:
-            from deface.qc import qc_png
-
-            stem, _ = io.split_suffix(dst)
-            qc_png(volume.reference(), result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0]),
-                   result.mask, volume.affine, dst.with_name(f"{stem}.png"))
         for other in args.applyto:
             apply_mask_to(result, other, args, io)
         s = result.stats
+        if args.qc:
+            _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
         if s.get("brain_only"):
@@ -278,6 +296,30 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
     except Exception as exc:
         log.error("%s: %s", src, io.one_line(exc))
         return src, "failed", io.one_line(exc)
+
+
+def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:
+    """The QC picture of one file, the re-identification check when installed, a report row."""
+    from deface import facecheck
+    from deface.qc import qc_png
+
+    stem, _ = io.split_suffix(dst)
+    before = volume.reference()
+    after = result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0])
+    row = {"file": str(src), "output": str(dst), "seconds": round(seconds, 2), **result.stats}
+    check = None
+    if facecheck.available():
+        check, _, _ = facecheck.check_images(before, volume.affine, after, volume.affine, spacing=args.qc_resolution)
+        row["face_after"] = check.face_found_after
+        row["check"] = ("PASS: no face detected after defacing" if check.passed else
+                        "FAIL: face detected in " + ", ".join(check.face_found_after))
+        if not check.passed:
+            log.warning("%s: a face detector still finds a face in views %s of the output", src,
+                        ", ".join(check.face_found_after))
+    png = dst.with_name(f"{stem}.png")
+    qc_png(before, after, result.mask, volume.affine, png, title=src.name, check=check, spacing=args.qc_resolution)
+    row["png"] = str(png)
+    args.report_rows.append(row)
 
 
 def apply_mask_to(result, other: Path, args, io) -> None:
