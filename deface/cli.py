@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qc-resolution", type=float, default=1.0, metavar="MM", help="render pixel size for --qc (default 1)")
     p.add_argument("--applyto", nargs="+", type=Path, default=[], metavar="IMAGE",
                    help="co-registered images to deface with the mask of the (single) input")
+    p.add_argument("--scrub", action="store_true", help="also clear NIfTI free-text fields (descrip, aux_file, "
+                   "db_name, intent_name) and header extensions, which can hold names and dates")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -278,7 +280,7 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         if args.save_mask:  # the mask first: an existing output then always has its mask (--skip-existing)
             stem, _ = io.split_suffix(dst)
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
-        io.save(volume, result.raw, dst)
+        io.save(io.scrub_header(volume) if args.scrub else volume, result.raw, dst)
         for other in args.applyto:
             apply_mask_to(result, other, args, io)
         s = result.stats

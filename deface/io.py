@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,7 @@ class Volume:
     img: nib.spatialimages.SpatialImage
     raw: np.ndarray
     path: Path | None = None
+    header: Any = None  # NIfTI header exactly as stored in the file (nibabel's in-memory copy drops scl_*)
 
     @property
     def affine(self) -> np.ndarray:
@@ -117,20 +119,27 @@ def load(path: str | Path, max_voxels: int = 512**3) -> Volume:
     except Exception as exc:
         raise InputError(f"not a readable NIfTI/MGH image ({' '.join(str(exc).split())}); "
                          "check that the file is complete, or re-convert it") from exc
-    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and int(img.header["sform_code"]) == 0:
-        _check_stored_pixdims(img, path)
-    return from_image(img, path, max_voxels)
+    stored = None
+    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        stored = _stored_header(img, path)
+        # nibabel silently turns zero voxel sizes into 1 mm; without an sform that makes the geometry up
+        if int(stored["sform_code"]) == 0 and np.any(np.asarray(stored["pixdim"][1:4]) == 0):
+            raise InputError("the voxel sizes (pixdim) are zero and there is no sform: the geometry is unknown; "
+                             "fix the header (e.g. re-convert from DICOM)")
+    volume = from_image(img, path, max_voxels)
+    volume.header = stored
+    return volume
 
 
-def _check_stored_pixdims(img: nib.Nifti1Image, path: Path) -> None:
-    """nibabel silently turns zero voxel sizes into 1 mm; without an sform that makes the geometry up."""
+def _stored_header(img: nib.Nifti1Image, path: Path):
+    """The header and extensions as the file holds them, byte for byte."""
     from nibabel.openers import Opener
 
-    with Opener(str(path), "rb") as f:
-        stored = img.header.__class__.from_fileobj(f, check=False)
-    if np.any(np.asarray(stored["pixdim"][1:4]) == 0):
-        raise InputError("the voxel sizes (pixdim) are zero and there is no sform: the geometry is unknown; "
-                         "fix the header (e.g. re-convert from DICOM)")
+    try:
+        with Opener(str(path), "rb") as f:
+            return img.header.__class__.from_fileobj(f, check=False)
+    except Exception as exc:
+        raise InputError(f"cannot read the NIfTI header ({' '.join(str(exc).split())}); re-convert the file") from exc
 
 
 def from_image(img: nib.spatialimages.SpatialImage, path: Path | None = None, max_voxels: int = 512**3) -> Volume:
@@ -157,6 +166,36 @@ def output_image(volume: Volume, raw: np.ndarray) -> nib.spatialimages.SpatialIm
     return img.__class__(raw.reshape(img.shape), img.affine, img.header.copy())
 
 
+TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+
+
+def scrub_header(volume: Volume) -> Volume:
+    """The same volume with the NIfTI header's free-text fields emptied and its extensions
+    removed (DICOM-derived extensions can hold names, IDs and dates). Grid, codes, scaling and
+    every other field stay as they were."""
+    img = volume.img
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        return volume
+    header = output_header(volume)
+    for name in TEXT_FIELDS:
+        if name in header:
+            header[name] = b""
+    header.extensions.clear()
+    header["vox_offset"] = header.single_vox_offset  # data right after the header, no extensions
+    return Volume(img, volume.raw, volume.path, header)
+
+
+def output_header(volume: Volume):
+    """A copy of the NIfTI header to write: the stored one, or the image's with its scaling."""
+    if volume.header is not None:
+        return volume.header.copy()
+    header = volume.img.header.copy()
+    slope, inter = getattr(volume.img.dataobj, "slope", None), getattr(volume.img.dataobj, "inter", None)
+    if slope is not None and (slope, inter) != (1.0, 0.0):
+        header["scl_slope"], header["scl_inter"] = slope, inter
+    return header
+
+
 def save(volume: Volume, raw: np.ndarray, path: str | Path) -> None:
     """Write ``raw`` (stored dtype, native shape) to ``path`` with the input's header, atomically.
 
@@ -170,8 +209,7 @@ def save(volume: Volume, raw: np.ndarray, path: str | Path) -> None:
     try:
         img = volume.img
         if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and suffix in (".nii", ".nii.gz"):
-            header = img.header.copy()
-            header.set_data_shape(img.shape)
+            header = output_header(volume)
             from nibabel.openers import Opener
 
             with Opener(str(tmp), "wb") as f:

@@ -80,3 +80,14 @@ def test_applyto_resampled_grid(tmp_path, tiny_weights):
     assert out2.exists()
     a, b = nib.load(str(t2)), nib.load(str(out2))
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
+
+
+def test_scrub_flag_clears_descrip(tmp_path, tiny_weights):
+    img = make_phantom()
+    img.header["descrip"] = b"Jane Doe"
+    src = tmp_path / "a.nii.gz"
+    nib.save(img, str(src))
+    assert run([src, "-o", tmp_path / "out", "--scrub"], tiny_weights) == 0
+    assert nib.load(str(tmp_path / "out" / "a_defaced.nii.gz")).header["descrip"] == b""
+    assert run([src, "-o", tmp_path / "kept"], tiny_weights) == 0
+    assert nib.load(str(tmp_path / "kept" / "a_defaced.nii.gz")).header["descrip"] == b"Jane Doe"

@@ -68,3 +68,37 @@ def test_refuses_garbage_bytes(tmp_path):
     (tmp_path / "r.nii").write_bytes(b"\x00\x01not a nifti" * 10)
     with pytest.raises(io.InputError):
         io.load(tmp_path / "r.nii")
+
+
+@pytest.mark.parametrize("extension", [False, True])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_scaling_survives_with_and_without_extensions(tmp_path, extension, suffix):
+    img = make_phantom(dtype=np.int16, slope=2.0)
+    if extension:
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"comment"))
+    src = tmp_path / f"in{suffix}"
+    nib.save(img, str(src))
+    vol = io.load(src)
+    io.save(vol, vol.raw, tmp_path / f"out{suffix}")
+    assert header_bytes(tmp_path / f"out{suffix}") == header_bytes(src)
+    a, b = nib.load(str(src)), nib.load(str(tmp_path / f"out{suffix}"))
+    assert a.dataobj.slope == b.dataobj.slope == 2.0 and a.dataobj.inter == b.dataobj.inter == 5.0
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+
+
+def test_scrub_clears_text_and_extensions_only(tmp_path):
+    img = make_phantom(dtype=np.int16, slope=2.0)
+    img.header["descrip"] = b"Jane Doe 1970-01-01"
+    img.header["aux_file"] = b"MRN0012345"
+    img.header["intent_name"] = b"name"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(2, b"(0010,0010) PN Doe^Jane" + b" " * 9))
+    src = tmp_path / "in.nii"
+    nib.save(img, str(src))
+    vol = io.scrub_header(io.load(src))
+    io.save(vol, vol.raw, tmp_path / "out.nii")
+    data = (tmp_path / "out.nii").read_bytes()
+    assert b"Doe" not in data and b"MRN" not in data
+    a, b = nib.load(str(src)), nib.load(str(tmp_path / "out.nii"))
+    assert len(b.header.extensions) == 0 and b.header["descrip"] == b""
+    assert np.array_equal(a.affine, b.affine) and a.header["qform_code"] == b.header["qform_code"]
+    assert a.dataobj.slope == b.dataobj.slope and np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
