@@ -25,6 +25,7 @@ EPILOG = """examples:
   deface-infer scans/ -o defaced/ --save-mask       every NIfTI/MGH file in scans/
   deface-infer t1.nii.gz --applyto t2.nii.gz flair.nii.gz   same mask on co-registered images
   deface-infer --example -o out/ --qc               the shipped example head, with a QC picture
+  deface-infer bids/ out/ participant --date-shift KEY   a BIDS dataset -> BIDS derivatives
 exit status: 0 all done, 1 some files failed (the rest were done), 2 usage error"""
 
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
     p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")
+    p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL", help="BIDS: these subjects only")
+    p.add_argument("--suffixes", nargs="+", default=None, metavar="SUFFIX",
+                   help="BIDS: anatomical suffixes to deface (default T1w T2w FLAIR PDw T2starw PD ...)")
+    p.add_argument("--date-shift", metavar="KEY", default=None,
+                   help="BIDS: shift sidecar and scans.tsv dates by one offset per subject derived from KEY "
+                        "(default: remove dates)")
     p.add_argument("--version", action="version", version=f"deface {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="per-stage timings")
@@ -162,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             args.inputs.append(str(EXAMPLE_HEAD))
         if not args.inputs:
             raise UsageError("no input given (files, folders or globs; or --example)")
-        inputs, missing = expand_inputs(args.inputs)
-        if not inputs:
-            raise UsageError(f"{missing[0]}: no such file, or no NIfTI/MGH files in it")
-        if args.applyto and len(inputs) != 1:
-            raise UsageError("--applyto needs exactly one input image")
+        args.bids = bids_app_form(args.inputs)
         if args.batch_size < 1 or args.workers < 0:
             raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-        pairs = plan_outputs(inputs, args)
+        if args.bids:
+            pairs, missing = plan_bids(args), []
+        else:
+            inputs, missing = expand_inputs(args.inputs)
+            if not inputs:
+                raise UsageError(f"{missing[0]}: no such file, or no NIfTI/MGH files in it")
+            if args.applyto and len(inputs) != 1:
+                raise UsageError("--applyto needs exactly one input image")
+            pairs = plan_outputs(inputs, args)
         if args.outdir is not None:
             args.outdir.mkdir(parents=True, exist_ok=True)
     except (UsageError, OSError) as exc:
@@ -203,9 +214,59 @@ def main(argv: list[str] | None = None) -> int:
     log.info("deface %s on %s, %d file(s)", __version__, defacer.device, len(todo))
     args.report_rows = []
     results += run_batches(defacer, todo, args)
+    if args.bids:
+        finish_bids(results, pairs, args, defacer)
     if args.qc:
         write_report(results, args)
     return summarize(results)
+
+
+def bids_app_form(items: list[str]) -> bool:
+    """True for the BIDS-App call ``BIDS_DIR OUT_DIR participant``."""
+    from deface.bids import is_bids_dataset
+
+    if len(items) == 3 and items[2] == "participant":
+        if not is_bids_dataset(Path(items[0])):
+            raise UsageError(f"{items[0]}: not a BIDS dataset (no dataset_description.json)")
+        return True
+    return False
+
+
+def plan_bids(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(image, output) pairs: same relative path under OUT_DIR; headers scrubbed."""
+    from deface.bids import ANAT_SUFFIXES, find_anatomical
+
+    bids_dir, out_dir = Path(args.inputs[0]), Path(args.inputs[1])
+    if out_dir.resolve() == bids_dir.resolve():
+        raise UsageError("OUT_DIR must not be the BIDS dataset itself")
+    images = find_anatomical(bids_dir, args.participant_label, tuple(args.suffixes or ANAT_SUFFIXES))
+    if not images:
+        raise UsageError(f"{bids_dir}: no anatomical images found for these participants and suffixes")
+    args.scrub, args.outdir, args.bids_dirs = True, out_dir, (bids_dir, out_dir)
+    pairs = [(src, out_dir / src.relative_to(bids_dir)) for src in images]
+    for _, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    return pairs
+
+
+def finish_bids(results, pairs, args: argparse.Namespace, defacer) -> None:
+    """Sidecars (scrubbed, dates shifted), scans.tsv and dataset_description.json."""
+    from deface import bids
+
+    bids_dir, out_dir = args.bids_dirs
+    meta = defacer.metadata
+    model = f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip()
+    provenance = {"Tool": "deface", "Version": __version__, "Model": model, "WeightsSHA256": meta.get("sha256"),
+                  "Mode": args.mode, "NiftiHeaderScrubbed": True}
+    ok = {str(src) for src, status, _ in results if status != "failed"}
+    days: dict[str, int | None] = {}
+    for src, dst in pairs:
+        subject = bids.subject_of(src.relative_to(bids_dir))
+        days[subject] = bids.day_offset(args.date_shift, subject) if args.date_shift else None
+        if str(src) in ok:
+            bids.write_sidecar(src, dst, days[subject], provenance)
+    bids.write_scans_tsv(bids_dir, out_dir, days)
+    bids.write_dataset_description(bids_dir, out_dir, __version__, model)
 
 
 def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace) -> None:
