@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,20 @@ def test_finetune_from_exported_weights(tmp_path):
                                                         "model=unet_tiny", f"export.dir={tmp_path / 'w2'}"]))
     state, meta = load_state_dict(tmp_path / "w2")
     assert meta["name"] == "deface_unet_finetuned" and state
+
+
+def test_ddp_training_with_two_cpu_processes(tmp_path):
+    """trainer=ddp on 2 CPU processes (gloo): one fast-dev-run step through DDP."""
+    import os
+    import subprocess
+    import sys
+
+    write_tiny_cache(tmp_path / "cache")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "deface.train", "debug=fdr", "model=unet_tiny", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.sync_batchnorm=false", f"paths.cache_dir={tmp_path / 'cache'}",
+           f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path / 'logs'}",
+           "data.train=[brainweb_t0,brainweb_t1,real_t2]", "data.val=[real_t3]", "data.synth.patch=[32,32,32]"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size: 2" in proc.stderr or "MEMBER: 2/2" in proc.stderr, proc.stderr[-3000:]
