@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,15 +20,21 @@ def _pyplot():
     return plt
 
 
-def mid_slices(before: np.ndarray, after: np.ndarray, mask: np.ndarray, affine: np.ndarray):
-    """(before, after, mask) on a 1 mm RAS grid and the slice centre (through the removed region)."""
+def ras_1mm(volumes: list[np.ndarray], affine: np.ndarray, mode: str = "bilinear", max_size: int = 320
+            ) -> list[np.ndarray]:
+    """Volumes on one grid (same shape, ``affine``) resampled to a 1 mm RAS grid for display."""
     import torch
 
     from deface.preprocessing import Grid, canonical_grid, resample
 
-    grid = canonical_grid(Grid(tuple(before.shape[:3]), affine), spacing=1.0, multiple=1, max_size=320)
-    stack = torch.from_numpy(np.nan_to_num(np.stack([before, after, mask]).astype(np.float32)))
-    b, a, m = resample(stack, affine, grid).numpy()
+    grid = canonical_grid(Grid(tuple(volumes[0].shape[:3]), affine), spacing=1.0, multiple=1, max_size=max_size)
+    stack = torch.from_numpy(np.nan_to_num(np.stack(volumes).astype(np.float32)))
+    return list(resample(stack, affine, grid, mode=mode).numpy())
+
+
+def mid_slices(before: np.ndarray, after: np.ndarray, mask: np.ndarray, affine: np.ndarray):
+    """(before, after, mask) on a 1 mm RAS grid and the slice centre (through the removed region)."""
+    b, a, m = ras_1mm([before, after, mask], affine)
     idx = np.argwhere(m > 0.5)
     c = idx.mean(0).astype(int) if len(idx) else np.array(m.shape) // 2
     c[0] = m.shape[0] // 2
@@ -41,7 +47,7 @@ def qc_png(before: np.ndarray, after: np.ndarray, mask: np.ndarray, affine: np.n
     sagittal/axial/coronal slices of the output with the removed region outlined in red."""
     from deface.render import render_views
 
-    plt = _pyplot()
+    plt = pyplot()
     views_b, threshold = render_views(before, affine, spacing=spacing)
     views_a, _ = render_views(after, affine, threshold=threshold, spacing=spacing)
     b, a, m, c = mid_slices(before, after, mask, affine)
@@ -75,7 +81,7 @@ def qc_png(before: np.ndarray, after: np.ndarray, mask: np.ndarray, affine: np.n
 
 def render_grid_png(views_before: dict, views_after: dict, path: str | Path, title: str = "") -> None:
     """Two rows of renders (before, after)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(views_before), figsize=(3.2 * len(views_before), 6))
     for row, views in enumerate((views_before, views_after)):
         for col, (name, pic) in enumerate(views.items()):

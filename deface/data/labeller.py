@@ -177,17 +177,11 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
 
 def qc_png(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: Path, title: str = "") -> None:
     """Sagittal, axial and coronal overlays of the labels on the scan (on a 1 mm RAS grid)."""
-    import matplotlib
+    from deface.qc import pyplot, ras_1mm
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from deface.preprocessing import canonical_grid, Grid, resample
-
-    grid = canonical_grid(Grid(tuple(data.shape[:3]), affine), spacing=1.0, multiple=1, max_size=400)
-    img = resample(torch.from_numpy(np.nan_to_num(data.astype(np.float32)))[None], affine, grid)[0].numpy()
-    lab = resample(torch.from_numpy(labels.astype(np.float32))[None], affine, grid, mode="nearest")[0].numpy()
+    plt = pyplot()
+    (img,) = ras_1mm([data], affine, max_size=400)
+    (lab,) = ras_1mm([labels], affine, mode="nearest", max_size=400)
     face = np.argwhere(lab == 1)
     centre = face.mean(0).astype(int) if len(face) else np.array(lab.shape) // 2
     brain = np.argwhere(lab == 2)
