@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
     p.add_argument("--workers", type=int, default=2, help="background threads reading and writing (default 2)")
     p.add_argument("--brain-margin", type=float, default=None, metavar="MM",
-                   help="protected margin around the predicted brain (default from the weights: 4 mm)")
+                   help="protected margin around the predicted brain (default from the weights: 6 mm)")
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
     p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")

@@ -23,7 +23,7 @@ from deface.preprocessing import Grid, resample
 
 @dataclass
 class PostprocessConfig:
-    brain_margin_mm: float = 4.0
+    brain_margin_mm: float = 6.0
     brain_threshold: float = 0.25
     min_face_ml: float = 3.0
     min_component_ml: float = 0.5
