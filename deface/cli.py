@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL", help="BIDS: these subjects only")
     p.add_argument("--suffixes", nargs="+", default=None, metavar="SUFFIX",
                    help="BIDS: anatomical suffixes to deface (default T1w T2w FLAIR PDw T2starw PD ...)")
+    p.add_argument("--session-mask", action="store_true",
+                   help="BIDS: compute the mask on each session's T1w and apply it to the session's other "
+                        "anatomical images (resampled; they must be co-registered)")
     p.add_argument("--date-shift", metavar="KEY", default=None,
                    help="BIDS: shift sidecar and scans.tsv dates by one offset per subject derived from KEY "
                         "(default: remove dates)")
@@ -246,6 +249,19 @@ def plan_bids(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     pairs = [(src, out_dir / src.relative_to(bids_dir)) for src in images]
     for _, dst in pairs:
         dst.parent.mkdir(parents=True, exist_ok=True)
+    args.session_targets = {}
+    if args.session_mask:  # one T1w per session predicts; the session's other images take its mask
+        by_session: dict[Path, list[tuple[Path, Path]]] = {}
+        for src, dst in pairs:
+            by_session.setdefault(src.parent, []).append((src, dst))
+        pairs = []
+        for members in by_session.values():
+            t1 = [m for m in members if m[0].name.split(".")[0].endswith("_T1w")]
+            if not t1:
+                pairs += members
+                continue
+            pairs.append(t1[0])
+            args.session_targets[t1[0][0]] = [m for m in members if m is not t1[0]]
     return pairs
 
 
@@ -265,6 +281,9 @@ def finish_bids(results, pairs, args: argparse.Namespace, defacer) -> None:
         days[subject] = bids.day_offset(args.date_shift, subject) if args.date_shift else None
         if str(src) in ok:
             bids.write_sidecar(src, dst, days[subject], provenance)
+            for other, other_dst in args.session_targets.get(src, []):
+                if other_dst.exists():
+                    bids.write_sidecar(other, other_dst, days[subject], {**provenance, "MaskFrom": src.name})
     bids.write_scans_tsv(bids_dir, out_dir, days)
     bids.write_dataset_description(bids_dir, out_dir, __version__, model)
 
@@ -342,8 +361,8 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             stem, _ = io.split_suffix(dst)
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
         io.save(io.scrub_header(volume) if args.scrub else volume, result.raw, dst)
-        for other in args.applyto:
-            apply_mask_to(result, other, args, io)
+        for other, out in getattr(args, "session_targets", {}).get(src, [(o, None) for o in args.applyto]):
+            apply_mask_to(result, other, args, io, out)
         s = result.stats
         if args.qc:
             _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
@@ -385,8 +404,9 @@ def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:
     args.report_rows.append(row)
 
 
-def apply_mask_to(result, other: Path, args, io) -> None:
-    """Deface a co-registered image with ``result``'s mask, resampled when its grid differs."""
+def apply_mask_to(result, other: Path, args, io, out: Path | None = None) -> None:
+    """Deface a co-registered image with ``result``'s mask, resampled when its grid differs;
+    written to ``out`` (default: ``<name><suffix>`` in the output folder or beside it)."""
     import numpy as np
     import torch
 
@@ -402,12 +422,13 @@ def apply_mask_to(result, other: Path, args, io) -> None:
     from deface.inference import Defacer
 
     raw = Defacer.replace(_ModeOnly(args), vol, mask)
-    dst = args.outdir / other.name if args.outdir else other
-    stem, _ = io.split_suffix(dst)
-    out = dst.with_name(f"{stem}{args.suffix}.nii.gz" if not str(dst).endswith(".mgz") else f"{stem}{args.suffix}.mgz")
+    if out is None:
+        dst = args.outdir / other.name if args.outdir else other
+        stem, _ = io.split_suffix(dst)
+        out = dst.with_name(f"{stem}{args.suffix}.nii.gz" if not str(dst).endswith(".mgz") else f"{stem}{args.suffix}.mgz")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; use --force")
-    io.save(vol, raw, out)
+    io.save(io.scrub_header(vol) if args.scrub else vol, raw, out)
 
 
 class _ModeOnly:

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from deface import bids, cli
-from tests.conftest import make_phantom
+from tests.conftest import make_phantom, oracle_probs
 
 SIDECAR = {"RepetitionTime": 2.3, "PatientName": "Doe^Jane", "PatientBirthDate": "19700101",
            "InstitutionName": "General Hospital", "DeviceSerialNumber": "12345", "ImageComments": "jane",
@@ -78,3 +78,23 @@ def test_refuses_non_bids_input_and_writing_into_the_dataset(tmp_path, tiny_weig
     src = make_dataset(tmp_path / "raw")
     assert cli.main([str(src), str(src), "participant", "-q", "--weights", str(tiny_weights)]) == 2
     assert cli.main([str(tmp_path), str(tmp_path / "o"), "participant", "-q", "--weights", str(tiny_weights)]) == 2
+
+
+def test_session_mask_applies_the_t1w_mask_to_the_other_images(tmp_path, tiny_weights, monkeypatch):
+    from deface.inference import Defacer
+
+    # An ideal network (the phantom's true anatomy), so that a face is really removed.
+    monkeypatch.setattr(Defacer, "predict", lambda self, inputs: [oracle_probs(self, c) for c in inputs])
+    src = make_dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    assert cli.main([str(src), str(out), "participant", "--session-mask", "--participant-label", "02", "-q",
+                     "--weights", str(tiny_weights), "--device", "cpu", "--save-mask"]) == 0
+    t1 = nib.load(str(out / "sub-02" / "anat" / "sub-02_T1w.nii.gz"))
+    t2 = nib.load(str(out / "sub-02" / "anat" / "sub-02_T2w.nii.gz"))
+    raw_t2 = nib.load(str(src / "sub-02" / "anat" / "sub-02_T2w.nii.gz"))
+    changed_t1 = np.asanyarray(t1.dataobj) != np.asanyarray(nib.load(str(src / "sub-02" / "anat" / "sub-02_T1w.nii.gz")).dataobj)
+    changed_t2 = np.asanyarray(t2.dataobj) != np.asanyarray(raw_t2.dataobj)
+    assert changed_t1.sum() > 100 and np.array_equal(changed_t1, changed_t2)  # same grid: the same voxels
+    assert t2.header["descrip"] == b""
+    meta = json.loads((out / "sub-02" / "anat" / "sub-02_T2w.json").read_text())
+    assert meta["Defaced"]["MaskFrom"] == "sub-02_T1w.nii.gz"
