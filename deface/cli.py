@@ -368,6 +368,8 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
+        if s.get("already_defaced"):
+            log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", src)
         if s.get("brain_only"):
             log.warning("%s: looks brain-only (skull-stripped): nothing removed", src)
         elif not s["face_found"]:

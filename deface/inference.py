@@ -53,6 +53,18 @@ class DefaceResult:
         return nib.Nifti1Image(self.mask.astype(np.uint8), self.volume.affine)
 
 
+def looks_already_defaced(image: np.ndarray, remove: np.ndarray) -> bool:
+    """True when the region to remove is mostly exact zeros while the rest of the air is not:
+    the mark a defacing tool leaves (a block set to 0 in an otherwise noisy background)."""
+    finite = np.nan_to_num(image, nan=0.0)
+    air = finite <= 0.05 * float(np.percentile(finite, 99))
+    zero = finite == 0
+    outside = air & ~remove
+    if remove.sum() < 100 or outside.sum() < 100:
+        return False
+    return zero[remove].mean() > 0.5 and zero[outside].mean() < 0.2
+
+
 class Defacer:
     """Holds the network and the settings; ``deface`` is safe to call for many files.
 
@@ -128,6 +140,7 @@ class Defacer:
         stats = {
             "face_found": masks.face_found,
             "brain_only": masks.brain_only,
+            "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
             "removed_ml": round(float(remove.sum()) * voxel_ml, 2),
             "removed_voxels": int(remove.sum()),

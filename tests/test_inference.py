@@ -134,3 +134,13 @@ def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
 def test_whole_head_is_not_taken_for_brain_only(defacer):
     result = deface_with_oracle(defacer, make_phantom())
     assert not result.stats["brain_only"] and result.stats["removed_voxels"] > 0
+
+
+def test_already_defaced_head_is_flagged(defacer):
+    img = make_phantom(dtype=np.float32)
+    noisy = np.asanyarray(img.dataobj) + np.random.default_rng(0).uniform(1, 20, img.shape).astype(np.float32)
+    noisy_img = nib.Nifti1Image(noisy, img.affine)
+    first = deface_with_oracle(defacer, noisy_img)
+    assert first.stats["face_found"] and not first.stats["already_defaced"]
+    second = deface_with_oracle(defacer, nib.Nifti1Image(first.volume.scaled(first.raw), img.affine))
+    assert second.stats["already_defaced"]
