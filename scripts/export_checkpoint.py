@@ -27,7 +27,7 @@ def pick_checkpoint(run: Path, which: str) -> Path:
     if which == "best":
         state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
         for key, value in state.get("callbacks", {}).items():
-            if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            if key.startswith("ModelCheckpoint") and value.get("monitor") and value.get("best_model_path"):
                 return folder / Path(value["best_model_path"]).name
         raise SystemExit("no best checkpoint recorded; use --ckpt last or a file name")
     return folder / which
