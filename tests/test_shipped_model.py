@@ -56,3 +56,17 @@ def test_brain_extracted_head_comes_out_untouched(tmp_path, caplog):
     after = np.asanyarray(nib.load(str(tmp_path / "colin27_t1_brain_defaced.nii.gz")).dataobj)
     assert np.array_equal(before, after)
     assert any("brain-only" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_masks_agree(shipped):
+    import torch
+
+    from deface.evaluation import dice
+    from deface.inference import Defacer
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    cpu = shipped.deface(EXAMPLE_HEAD).mask
+    gpu = Defacer(device="cuda").deface(EXAMPLE_HEAD).mask
+    assert dice(cpu, gpu) >= 0.999
