@@ -62,7 +62,7 @@ def looks_already_defaced(image: np.ndarray, remove: np.ndarray) -> bool:
     outside = air & ~remove
     if remove.sum() < 100 or outside.sum() < 100:
         return False
-    return zero[remove].mean() > 0.5 and zero[outside].mean() < 0.2
+    return bool(zero[remove].mean() > 0.5 and zero[outside].mean() < 0.2)
 
 
 class Defacer:

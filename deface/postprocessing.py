@@ -127,28 +127,20 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     """
     labels = probs.argmax(0)
     voxel_ml = spacing**3 / 1000.0
-    face = (labels == FACE).numpy()
-    if inside is not None:
-        face &= inside.numpy()
-    if image is not None:
-        face &= (image > cfg.tissue_threshold).numpy()
+    fov = inside.numpy() if inside is not None else np.ones(labels.shape, bool)
+    signal = (image > cfg.tissue_threshold).numpy() & fov if image is not None else None
+    face = (labels == FACE).numpy() & fov
+    if signal is not None:
+        face &= signal
     face = drop_small_components(face, int(np.ceil(cfg.min_component_ml / voxel_ml)))
-    if image is not None:
-        air = (image <= cfg.tissue_threshold).numpy()
-        if inside is not None:
-            air &= inside.numpy()
-        air = drop_small_components(air, int(np.ceil(cfg.min_air_ml / voxel_ml)))  # not dark noise specks
+    if signal is not None:
+        air = drop_small_components(fov & ~signal, int(np.ceil(cfg.min_air_ml / voxel_ml)))  # not dark specks
         face = keep_components_touching(face, air)
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     protect = dilate(brain_like, int(np.ceil(cfg.brain_margin_mm / spacing)))
     found = face_ml >= cfg.min_face_ml
-    brain_only = False
-    if found and image is not None:
-        tissue = (image > cfg.tissue_threshold).numpy()
-        if inside is not None:
-            tissue &= inside.numpy()
-        brain_only = looks_brain_only(tissue, labels == BRAIN, spacing, cfg)
+    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg)
     if not found or brain_only:
         return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only)
     remove = face
