@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="background threads reading and writing (default 2)")
     p.add_argument("--brain-margin", type=float, default=None, metavar="MM",
                    help="protected margin around the predicted brain (default from the weights: 6 mm)")
+    p.add_argument("--no-atlas-guard", action="store_true",
+                   help="do not also protect the brain of a registered atlas (faster, relies on the network alone)")
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
     p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         defacer = Defacer(weights=args.weights, device=args.device, mode=args.mode, fill_value=args.fill_value,
-                          brain_margin_mm=args.brain_margin, mask_from=args.mask_from, seed=args.seed)
+                          brain_margin_mm=args.brain_margin, mask_from=args.mask_from, seed=args.seed,
+                          atlas_guard=False if args.no_atlas_guard else None)
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         return 1
@@ -368,6 +371,9 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
+        if s.get("atlas_registration", "off") not in ("ok", "off"):
+            log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
+                        src, s["atlas_registration"])
         if s.get("already_defaced"):
             log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", src)
         if s.get("brain_only"):

@@ -20,7 +20,7 @@ import torch
 
 from deface import io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import PostprocessConfig, canonical_masks, to_native
+from deface.postprocessing import PostprocessConfig, canonical_masks, protect_also, to_native
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
@@ -70,12 +70,14 @@ class Defacer:
 
     ``weights``: a weights folder, .json or .pt (default: the shipped weights).
     ``network`` + ``metadata``: inject a network (tests, fine-tuned models in memory).
+    ``atlas_guard``: also protect the brain of a registered atlas (deface.atlas); default on.
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", mode: str = "zero",
                  fill_value: float = 0.0, brain_margin_mm: float | None = None, min_face_ml: float | None = None,
                  mask_from: str = "first", seed: int = 0, network: torch.nn.Module | None = None,
-                 metadata: dict[str, Any] | None = None, max_voxels: int = 512**3) -> None:
+                 metadata: dict[str, Any] | None = None, max_voxels: int = 512**3,
+                 atlas_guard: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.device = resolve_device(device)
@@ -95,7 +97,14 @@ class Defacer:
             post["brain_margin_mm"] = brain_margin_mm
         if min_face_ml is not None:
             post["min_face_ml"] = min_face_ml
+        if atlas_guard is not None:
+            post["atlas"] = atlas_guard
         self.post = PostprocessConfig(**{k: v for k, v in post.items() if k in PostprocessConfig.__annotations__})
+        self.atlas = None
+        if self.post.atlas:
+            from deface.atlas import Atlas
+
+            self.atlas = Atlas.load()
         self.mode, self.fill_value, self.mask_from, self.seed = mode, fill_value, mask_from, seed
         self.max_voxels = max_voxels
 
@@ -131,6 +140,14 @@ class Defacer:
         """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
         t0 = time.perf_counter()
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0])
+        atlas_status, atlas_s = "off", 0.0
+        if self.atlas is not None and bool(masks.remove.any()):
+            from deface.atlas import atlas_brain
+
+            guard = atlas_brain(self.atlas, canon.image[0].numpy(), canon.grid.affine, self.post.atlas_threshold)
+            atlas_status, atlas_s = guard.status, guard.seconds
+            if guard.mask is not None:  # otherwise only the network protects the brain (stats say why)
+                masks = protect_also(masks, guard.mask, self.post.atlas_margin_mm, self.spacing)
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
         raw = self.replace(volume, remove)
@@ -146,6 +163,8 @@ class Defacer:
             "removed_voxels": int(remove.sum()),
             "brain_voxels_changed": brain_changed,
             "changed_outside_mask": int((changed & ~remove).sum()),
+            "atlas_registration": atlas_status,
+            "atlas_s": round(atlas_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats)

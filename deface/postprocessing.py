@@ -35,6 +35,11 @@ class PostprocessConfig:
     brain_only_margin_mm: float = 8.0
     brain_only_fraction: float = 0.2
     brain_only_ml: float = 400.0
+    # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
+    # dilated by atlas_margin_mm, is protected too, whatever the network says.
+    atlas: bool = True
+    atlas_threshold: float = 0.5
+    atlas_margin_mm: float = 4.0
 
 
 @dataclass
@@ -149,6 +154,13 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
     return CanonicalMasks(remove_t, protect, face_ml, True)
+
+
+def protect_also(masks: CanonicalMasks, brain: torch.Tensor, margin_mm: float, spacing: float) -> CanonicalMasks:
+    """``masks`` with a second brain estimate (e.g. the registered atlas) dilated and protected."""
+    extra = dilate(brain, int(np.ceil(margin_mm / spacing)))
+    return CanonicalMasks(masks.remove & ~extra, masks.protect | extra, masks.face_ml, masks.face_found,
+                          masks.brain_only)
 
 
 def native_box(mask: torch.Tensor, canonical: Grid, native: Grid, pad: int = 2) -> tuple[slice, slice, slice] | None:

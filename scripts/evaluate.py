@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
     p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from deface.evaluation import contrast_variant, orientation_agreement, score_head
     from deface.inference import Defacer
 
-    defacer = Defacer(weights=args.weights, device=args.device)
+    defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
     heads = [(n, *cache_head(args.cache, n)) for n in args.subjects]
     for image_path, label_path in args.pair:

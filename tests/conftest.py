@@ -82,8 +82,10 @@ def oracle_probs(defacer, canon) -> torch.Tensor:
 
 @pytest.fixture
 def tiny_metadata() -> dict:
+    # The atlas guard is off for the phantom (an ellipsoid is no head the atlas can be registered
+    # to); tests/test_atlas.py checks the guard on a real head.
     return {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 4.0, "multiple": 4},
-            "postprocessing": {"brain_margin_mm": 4.0, "min_face_ml": 1.0}}
+            "postprocessing": {"brain_margin_mm": 4.0, "min_face_ml": 1.0, "atlas": False}}
 
 
 @pytest.fixture

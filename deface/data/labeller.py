@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from deface.atlas import register_affine
+
 log = logging.getLogger("deface.label")
 
 DEFAULT_TEMPLATE = "templates/fsl_MNI152_T1_2mm.nii.gz"
@@ -46,88 +48,6 @@ def head_mask(image: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     for axis in range(3):
         mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
     return mask
-
-
-def _to_sitk(image: np.ndarray, affine: np.ndarray):
-    """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32))
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(-affine[0, 3]), float(-affine[1, 3]), float(affine[2, 3])])
-    img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])
-    return img
-
-
-def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0) -> np.ndarray:
-    """Head voxels within ``depth_mm`` of the top of the head (the part the template covers)."""
-    mask = ndi.gaussian_filter(image, 1.0) > 0.2
-    mask = ndi.binary_opening(mask, iterations=2)
-    from deface.data.labels import largest_component
-
-    mask = largest_component(mask) if mask.any() else mask
-    z = affine[2, 2] * np.arange(mask.shape[2]) + affine[2, 3]
-    top = z[np.nonzero(mask.any(axis=(0, 1)))[0].max()] if mask.any() else z.max()
-    return mask & (z >= top - depth_mm)[None, None, :]
-
-
-def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
-                    moving_affine: np.ndarray, seed: int = 0) -> np.ndarray:
-    """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
-
-    Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
-    start aligns the centroids of the top 170 mm of both heads (a neck in the scan would pull
-    a moments start down); a similarity stage then a 12-parameter affine stage follow, with
-    the metric restricted to that top part of the scan.
-    """
-    import SimpleITK as sitk
-
-    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
-    fmask, mmask = _top_of_head(fixed, fixed_affine), _top_of_head(moving, moving_affine)
-
-    def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        c = np.argwhere(mask).mean(0)
-        ras = affine[:3, :3] @ c + affine[:3, 3]
-        return ras * np.array([-1.0, -1.0, 1.0])  # LPS
-
-    cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
-    fixed_mask = _to_sitk(ndi.binary_dilation(fmask, iterations=3).astype(np.float32), fixed_affine)
-    fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
-
-    def run(tx):
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.3, seed)
-        reg.SetMetricFixedMask(fixed_mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 300, relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2, 1])
-        reg.SetSmoothingSigmasPerLevel([4.0, 2.0, 1.0])
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        reg.SetInitialTransform(tx, inPlace=True)
-        reg.Execute(f, m)
-        return tx
-
-    sim = sitk.Similarity3DTransform()
-    sim.SetCenter([float(v) for v in cf])
-    sim.SetTranslation([float(v) for v in cm - cf])
-    sim = run(sim)
-    aff = sitk.AffineTransform(3)
-    aff.SetCenter(sim.GetCenter())
-    aff.SetMatrix(sim.GetMatrix())
-    aff.SetTranslation(sim.GetTranslation())
-    tx = run(aff)
-    a = np.array(tx.GetMatrix()).reshape(3, 3)
-    c = np.array(tx.GetCenter())
-    t = np.array(tx.GetTranslation())
-    lps = np.eye(4)
-    lps[:3, :3] = a
-    lps[:3, 3] = t + c - a @ c
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ lps @ flip
 
 
 def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:

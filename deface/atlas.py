@@ -1,0 +1,164 @@
+"""A second, contrast-agnostic opinion on where the brain is: a brain atlas registered to each image.
+
+The network can take brain for face in a contrast or anatomy it has not learned (a clinical T2
+lost its orbitofrontal cortex this way). The atlas does not depend on the network: the mean
+T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
+``scripts/build_atlas.py``) is registered to the canonical image (12-parameter affine, Mattes
+mutual information, so any contrast works), and its brain probability, thresholded, is
+protected like the network's brain. The labeller uses the same registration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from deface.data.labels import largest_component
+
+ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
+# Registration is judged implausible when it stretches the head beyond these factors.
+PLAUSIBLE_SCALE = (0.7, 1.45)
+
+
+@dataclass
+class Atlas:
+    """A head template and its brain probability on one axis-aligned RAS grid."""
+
+    image: np.ndarray  # (X, Y, Z) float32, T1-like intensities in [0, 1]
+    brain: np.ndarray  # (X, Y, Z) float32, fraction of subjects with brain at each voxel
+    affine: np.ndarray
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Atlas":
+        z = np.load(Path(path) if path else ATLAS_FILE)
+        return cls(z["image"].astype(np.float32) / 255.0, z["brain"].astype(np.float32) / float(z["subjects"]),
+                   z["affine"].astype(np.float64))
+
+
+@dataclass
+class AtlasBrain:
+    """The atlas brain on the canonical grid and how the registration went."""
+
+    mask: torch.Tensor | None  # (X, Y, Z) bool, None when the registration failed or is implausible
+    to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas
+    status: str  # "ok", "implausible" or "failed: <reason>"
+    seconds: float
+
+
+def plausible(to_atlas: np.ndarray) -> bool:
+    """True when the linear part only rotates and scales the head by a plausible amount."""
+    if not np.all(np.isfinite(to_atlas)):
+        return False
+    sv = np.linalg.svd(to_atlas[:3, :3], compute_uv=False)
+    return bool(sv.min() >= PLAUSIBLE_SCALE[0] and sv.max() <= PLAUSIBLE_SCALE[1])
+
+
+def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
+                shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
+    """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there.
+
+    Never raises: a failed or implausible registration returns ``mask=None`` and says why, and
+    the caller decides (the wrapper warns and relies on the network alone).
+    """
+    from deface.preprocessing import Grid, resample
+
+    t0 = time.perf_counter()
+    try:
+        to_atlas = register_affine(image, affine, atlas.image, atlas.affine, shrink=shrink, sampling=1.0)
+    except Exception as exc:  # SimpleITK raises RuntimeError with a long message
+        return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
+    if not plausible(to_atlas):
+        return AtlasBrain(None, to_atlas, "implausible", time.perf_counter() - t0)
+    # Canonical voxel -> world -> atlas world -> atlas voxel.
+    prob = resample(torch.from_numpy(atlas.brain)[None], np.linalg.inv(to_atlas) @ atlas.affine,
+                    Grid(tuple(image.shape), affine))[0]
+    return AtlasBrain(prob >= threshold, to_atlas, "ok", time.perf_counter() - t0)
+
+
+def _to_sitk(image: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32))
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(-affine[0, 3]), float(-affine[1, 3]), float(affine[2, 3])])
+    img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])
+    return img
+
+
+def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0) -> np.ndarray:
+    """Head voxels within ``depth_mm`` of the top of the head (the part the template covers)."""
+    mask = ndi.gaussian_filter(image, 1.0) > 0.2
+    mask = ndi.binary_opening(mask, iterations=2)
+    mask = largest_component(mask) if mask.any() else mask
+    z = affine[2, 2] * np.arange(mask.shape[2]) + affine[2, 3]
+    top = z[np.nonzero(mask.any(axis=(0, 1)))[0].max()] if mask.any() else z.max()
+    return mask & (z >= top - depth_mm)[None, None, :]
+
+
+def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
+                    moving_affine: np.ndarray, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
+                    iterations: int = 300, sampling: float = 0.3) -> np.ndarray:
+    """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
+
+    Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
+    start aligns the centroids of the top 170 mm of both heads (a neck in the scan would pull
+    a moments start down); a similarity stage then a 12-parameter affine stage follow, with
+    the metric restricted to that top part of the scan. ``shrink``: pyramid levels (grid
+    subsampling factors); ``iterations``: optimiser steps per level; ``sampling``: fraction of
+    voxels the metric samples at random (1.0: all of them, deterministic).
+    """
+    import SimpleITK as sitk
+
+    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
+    fmask, mmask = _top_of_head(fixed, fixed_affine), _top_of_head(moving, moving_affine)
+
+    def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        c = np.argwhere(mask).mean(0)
+        ras = affine[:3, :3] @ c + affine[:3, 3]
+        return ras * np.array([-1.0, -1.0, 1.0])  # LPS
+
+    cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
+    fixed_mask = _to_sitk(ndi.binary_dilation(fmask, iterations=3).astype(np.float32), fixed_affine)
+    fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
+
+    def run(tx):
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        if sampling < 1.0:
+            reg.SetMetricSamplingStrategy(reg.RANDOM)
+            reg.SetMetricSamplingPercentage(sampling, seed)
+        reg.SetMetricFixedMask(fixed_mask)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations, relaxationFactor=0.6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel(list(shrink))
+        reg.SetSmoothingSigmasPerLevel([float(s) for s in shrink])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(f, m)
+        return tx
+
+    sim = sitk.Similarity3DTransform()
+    sim.SetCenter([float(v) for v in cf])
+    sim.SetTranslation([float(v) for v in cm - cf])
+    sim = run(sim)
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter(sim.GetCenter())
+    aff.SetMatrix(sim.GetMatrix())
+    aff.SetTranslation(sim.GetTranslation())
+    tx = run(aff)
+    a = np.array(tx.GetMatrix()).reshape(3, 3)
+    c = np.array(tx.GetCenter())
+    t = np.array(tx.GetTranslation())
+    lps = np.eye(4)
+    lps[:3, :3] = a
+    lps[:3, 3] = t + c - a @ c
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip

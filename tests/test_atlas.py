@@ -1,0 +1,73 @@
+"""The atlas guard: a registered atlas brain is protected whatever the network says."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from deface import BACKGROUND, FACE
+from deface.atlas import Atlas, atlas_brain, plausible
+from deface.cli import EXAMPLE_HEAD
+from deface.network import TINY_ARCHITECTURE, build_network
+from tests.conftest import world_points
+
+# The example head is Colin27, already in MNI space: these points are frontal and orbitofrontal brain.
+FRONTAL_BRAIN_MNI = np.array([[20.0, 40.0, 20.0], [-20.0, 40.0, 20.0], [15.0, 30.0, -12.0], [-15.0, 30.0, -12.0]])
+
+
+def test_atlas_file_holds_a_brain_and_a_head():
+    atlas = Atlas.load()
+    assert atlas.image.shape == atlas.brain.shape
+    assert 0.0 <= atlas.brain.min() and atlas.brain.max() == 1.0
+    brain_ml = (atlas.brain >= 0.5).sum() * abs(np.linalg.det(atlas.affine[:3, :3])) / 1000
+    assert 1000 < brain_ml < 2500
+    assert (atlas.image > 0.1).sum() > (atlas.brain >= 0.5).sum()  # scalp and face around the brain
+
+
+def test_plausible_transform():
+    assert plausible(np.eye(4))
+    assert not plausible(np.diag([2.0, 1.0, 1.0, 1.0]))
+    assert not plausible(np.full((4, 4), np.nan))
+
+
+def test_failed_registration_is_reported_not_raised():
+    atlas = Atlas.load()
+    guard = atlas_brain(atlas, np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), 0.5)
+    assert guard.mask is None and guard.status != "ok"
+
+
+def greedy_probs(canon) -> torch.Tensor:
+    """A network that calls all tissue in front of the ear line face, frontal lobes included."""
+    world = world_points(canon.grid.shape, canon.grid.affine)
+    face = (world[..., 1] > 0) & (canon.image[0].numpy() > 0.1)
+    probs = torch.zeros((3,) + face.shape)
+    probs[FACE] = torch.from_numpy(face).float()
+    probs[BACKGROUND] = 1 - probs[FACE]
+    return probs
+
+
+def frontal_voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, ...]:
+    idx = np.linalg.inv(img.affine) @ np.c_[FRONTAL_BRAIN_MNI, np.ones(len(FRONTAL_BRAIN_MNI))].T
+    return tuple(np.round(idx[:3]).astype(int))
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
+    from deface.inference import Defacer
+
+    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", atlas_guard=guard)
+    img = nib.load(str(EXAMPLE_HEAD))
+    volume, canon = defacer.prepare(img)
+    result = defacer.apply(volume, canon, greedy_probs(canon))
+    frontal = frontal_voxels(img)
+    if guard:
+        assert result.stats["atlas_registration"] == "ok"
+        assert not result.mask[frontal].any()
+        assert result.mask.sum() > 5000  # the face in front of the brain still goes
+    else:
+        assert result.stats["atlas_registration"] == "off"
+        assert result.mask[frontal].all()  # what the guard prevents
