@@ -3,9 +3,11 @@
 The network can take brain for face in a contrast or anatomy it has not learned (a clinical T2
 lost its orbitofrontal cortex this way). The atlas does not depend on the network: the mean
 T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
-``scripts/build_atlas.py``) is registered to the canonical image (12-parameter affine, Mattes
-mutual information, so any contrast works), and its brain probability, thresholded, is
-protected like the network's brain. The labeller uses the same registration.
+``scripts/build_atlas.py``) is registered to the canonical image twice (12-parameter affine):
+on intensities (Mattes mutual information) and on the head's outline (mean squares of the
+filled head masks, blind to contrast); the one whose head outline fits the image better wins.
+Its brain probability, thresholded, is protected like the network's brain. The labeller uses
+the intensity registration.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from deface.data.labels import largest_component
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
 PLAUSIBLE_SCALE = (0.7, 1.45)
+OUTLINE_TOLERANCE = 0.01  # see atlas_brain
 
 
 @dataclass
@@ -58,6 +61,19 @@ def plausible(to_atlas: np.ndarray) -> bool:
     return bool(sv.min() >= PLAUSIBLE_SCALE[0] and sv.max() <= PLAUSIBLE_SCALE[1])
 
 
+def outline_overlap(atlas: Atlas, to_atlas: np.ndarray, image: np.ndarray, grid) -> float:
+    """Dice of the image's and the registered atlas's solid heads, within 130 mm of the top of the head."""
+    from deface.preprocessing import resample
+
+    top = _top_of_head(image, grid.affine, 130.0)
+    scan = head_silhouette(image) & top
+    warped = resample(torch.from_numpy(head_silhouette(atlas.image).astype(np.float32))[None],
+                      np.linalg.inv(to_atlas) @ atlas.affine, grid)[0].numpy() >= 0.5
+    warped &= top
+    total = scan.sum() + warped.sum()
+    return float(2 * (scan & warped).sum() / total) if total else 0.0
+
+
 def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
                 shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
     """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there.
@@ -68,15 +84,22 @@ def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: 
     from deface.preprocessing import Grid, resample
 
     t0 = time.perf_counter()
+    grid = Grid(tuple(image.shape), affine)
     try:
-        to_atlas = register_affine(image, affine, atlas.image, atlas.affine, shrink=shrink, sampling=1.0)
+        # Mutual information can settle on a shrunken atlas whose bright scalp sits on the bright
+        # CSF of a T2 or PD image; the head outline cannot. Keep the intensity registration
+        # unless its head outline fits clearly worse than the outline registration's.
+        candidates = []
+        for metric in ("mi", "outline"):
+            m = register_affine(image, affine, atlas.image, atlas.affine, shrink=shrink, sampling=1.0, metric=metric)
+            candidates.append((outline_overlap(atlas, m, image, grid), m))
+        to_atlas = candidates[0][1] if candidates[0][0] >= candidates[1][0] - OUTLINE_TOLERANCE else candidates[1][1]
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
         return AtlasBrain(None, to_atlas, "implausible", time.perf_counter() - t0)
     # Canonical voxel -> world -> atlas world -> atlas voxel.
-    prob = resample(torch.from_numpy(atlas.brain)[None], np.linalg.inv(to_atlas) @ atlas.affine,
-                    Grid(tuple(image.shape), affine))[0]
+    prob = resample(torch.from_numpy(atlas.brain)[None], np.linalg.inv(to_atlas) @ atlas.affine, grid)[0]
     return AtlasBrain(prob >= threshold, to_atlas, "ok", time.perf_counter() - t0)
 
 
@@ -92,6 +115,16 @@ def _to_sitk(image: np.ndarray, affine: np.ndarray):
     return img
 
 
+def head_silhouette(image: np.ndarray) -> np.ndarray:
+    """The head as a solid: tissue above a low threshold, largest component, holes filled slice
+    by slice (dark skull, sinuses and CSF of any contrast end up inside)."""
+    mask = ndi.gaussian_filter(image, 1.0) > 0.1
+    mask = largest_component(mask) if mask.any() else mask
+    for axis in range(3):
+        mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+    return mask
+
+
 def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0) -> np.ndarray:
     """Head voxels within ``depth_mm`` of the top of the head (the part the template covers)."""
     mask = ndi.gaussian_filter(image, 1.0) > 0.2
@@ -104,7 +137,7 @@ def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0)
 
 def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
                     moving_affine: np.ndarray, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
-                    iterations: int = 300, sampling: float = 0.3) -> np.ndarray:
+                    iterations: int = 300, sampling: float = 0.3, metric: str = "mi") -> np.ndarray:
     """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
 
     Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
@@ -112,12 +145,17 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     a moments start down); a similarity stage then a 12-parameter affine stage follow, with
     the metric restricted to that top part of the scan. ``shrink``: pyramid levels (grid
     subsampling factors); ``iterations``: optimiser steps per level; ``sampling``: fraction of
-    voxels the metric samples at random (1.0: all of them, deterministic).
+    voxels the metric samples at random (1.0: all of them, deterministic); ``metric``: "mi"
+    (Mattes mutual information of the intensities) or "outline" (mean squares of the smoothed,
+    filled head masks: blind to contrast, it matches the head's outline only).
     """
     import SimpleITK as sitk
 
-    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
     fmask, mmask = _top_of_head(fixed, fixed_affine), _top_of_head(moving, moving_affine)
+    if metric == "outline":
+        fixed = ndi.gaussian_filter(head_silhouette(fixed).astype(np.float32), 1.5)
+        moving = ndi.gaussian_filter(head_silhouette(moving).astype(np.float32), 1.5)
+    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
 
     def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
         c = np.argwhere(mask).mean(0)
@@ -130,7 +168,10 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
 
     def run(tx):
         reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
+        if metric == "outline":
+            reg.SetMetricAsMeanSquares()
+        else:
+            reg.SetMetricAsMattesMutualInformation(32)
         if sampling < 1.0:
             reg.SetMetricSamplingStrategy(reg.RANDOM)
             reg.SetMetricSamplingPercentage(sampling, seed)

@@ -1,6 +1,7 @@
 """Seconds per stage and peak memory for defacing a 1 mm 256^3 head (CPU, and CUDA when present).
 
     python scripts/benchmark.py [--threads 2] [--repeats 3] [--weights DIR]
+    python scripts/benchmark.py --synthesis 20 [--cache data_cache]   # seconds per training sample
 
 The head is the shipped example (Colin27) resampled to 1 mm on a 256^3 int16 grid.
 Targets on 2 CPU cores: <= 3 s end to end, <= 2 GB peak RSS.
@@ -62,12 +63,40 @@ def bench(device: str, path: Path, out: Path, repeats: int, weights: str | None)
           f"  (postprocess includes the atlas registration, {np.median(atlas[1:]):.2f}s)")
 
 
+def bench_synthesis(cache: Path, n: int) -> None:
+    """Seconds per training sample (default data config patch) in one thread, as a DataLoader worker
+    runs it; with W workers on W cores the loader makes W / seconds samples per second."""
+    from deface.data.cache import load_subject
+    from deface.data.synthesis import SynthConfig, synthesize
+
+    torch.set_num_threads(1)
+    cfg = SynthConfig()
+    rng = np.random.default_rng(0)
+    for pattern in ("brainweb_*.npz", "real_*.npz"):
+        files = sorted(cache.glob(pattern))[:4]
+        if not files:
+            print(f"{pattern}: none in {cache}")
+            continue
+        subjects = [load_subject(f) for f in files]
+        synthesize(subjects[0], cfg, rng)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(n):
+            synthesize(subjects[i % len(subjects)], cfg, rng)
+        print(f"{pattern}: {(time.perf_counter() - t0) / n:.3f} s per {tuple(cfg.patch)} sample at "
+              f"{cfg.spacing} mm (1 thread, mean of {n})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--synthesis", type=int, default=0, metavar="N", help="time N training samples instead")
+    p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache for --synthesis")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weights", default=None)
     args = p.parse_args()
+    if args.synthesis:
+        bench_synthesis(args.cache, args.synthesis)
+        return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_head(Path(tmp))

@@ -32,6 +32,7 @@ PRESETS = {
     "flair": [0.0, 0.05, 0.6, 0.45, 0.8, 0.3, 0.45, 0.03, 0.2, 0.5, 0.35, 0.6],
     "ct": [0.0, 0.25, 0.32, 0.3, 0.15, 0.3, 0.3, 1.0, 0.35, 0.25, 0.3, 0.8],
 }
+N_TISSUES, N_LABELS = 12, 4
 AXIS_CODES = [(p, s) for p in itertools.permutations(range(3)) for s in itertools.product([1, -1], repeat=3)]
 
 
@@ -46,11 +47,17 @@ class Subject:
     image: torch.Tensor | None = None  # (X, Y, Z) float in [0, 1], a real scan
 
     centre: np.ndarray = field(init=False)
+    codes: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # World centre of the labelled head (face + brain), the centre of the training patch.
         idx = torch.nonzero(self.labels > 0).float().mean(0).numpy()
         self.centre = self.affine[:3, :3] @ idx + self.affine[:3, 3]
+        if self.tissue is not None:
+            if int(self.tissue.max()) >= N_TISSUES or int(self.labels.max()) >= N_LABELS:
+                raise ValueError(f"{self.name}: tissue classes must be < {N_TISSUES}, labels < {N_LABELS}")
+            # Tissue class and label in one byte, so one nearest-neighbour sampling serves both.
+            self.codes = self.tissue * N_LABELS + self.labels
 
 
 @dataclass
@@ -174,7 +181,7 @@ def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> 
     # Only a table lookup touches the 1 mm source; per-voxel work happens on the 2 mm patch.
     if subject.tissue is not None:
         means, stds = random_contrast(cfg, rng)
-        source = means[subject.tissue.long().clamp(0, len(means) - 1)]
+        source = torch.from_numpy(np.take(means.numpy(), subject.tissue.numpy()))  # uint8 indices, no copy to int64
     else:
         source = subject.image
     grid = spatial_transform(cfg, rng, subject.centre)
@@ -184,13 +191,14 @@ def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> 
         scale = torch.tensor([2.0 / (s - 1) for s in source.shape[::-1]])
         coords = coords + disp * rng.uniform(0, cfg.elastic_mm) * scale
     image = F.grid_sample(source[None, None], coords, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    labels = F.grid_sample(subject.labels[None, None].float(), coords, mode="nearest", padding_mode="zeros",
-                           align_corners=True)[0, 0].long()
+    nearest = subject.codes if subject.codes is not None else subject.labels
+    nearest = F.grid_sample(nearest[None, None].float(), coords, mode="nearest", padding_mode="zeros",
+                            align_corners=True)[0, 0].long()
     inside = (coords.abs() <= 1).all(-1)[0]
+    labels = nearest % N_LABELS if subject.codes is not None else nearest
     if subject.tissue is not None:
-        tissue = F.grid_sample(subject.tissue[None, None].float(), coords, mode="nearest", padding_mode="zeros",
-                               align_corners=True)[0].long().clamp(0, len(stds) - 1)
-        image = image + stds[tissue] * torch.randn(image.shape, generator=gen)
+        tissue = nearest // N_LABELS
+        image = image + stds[tissue][None] * torch.randn(image.shape, generator=gen)
     else:
         image = augment_real(image[0], cfg, rng)[None]
     sigma = rng.uniform(0.0, 0.8)
