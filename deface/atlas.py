@@ -6,8 +6,8 @@ T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
 ``scripts/build_atlas.py``) is registered to the canonical image twice (12-parameter affine):
 on intensities (Mattes mutual information) and on the head's outline (mean squares of the
 filled head masks, blind to contrast); the one whose head outline fits the image better wins.
-Its brain probability, thresholded, is protected like the network's brain. The labeller uses
-the intensity registration.
+Its brain probability, thresholded, is protected like the network's brain. The labeller
+registers its template with the same ``register_head``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from deface.data.labels import largest_component
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
 PLAUSIBLE_SCALE = (0.7, 1.45)
-OUTLINE_TOLERANCE = 0.01  # see atlas_brain
+OUTLINE_TOLERANCE = 0.01  # see register_head
 
 
 @dataclass
@@ -61,17 +61,34 @@ def plausible(to_atlas: np.ndarray) -> bool:
     return bool(sv.min() >= PLAUSIBLE_SCALE[0] and sv.max() <= PLAUSIBLE_SCALE[1])
 
 
-def outline_overlap(atlas: Atlas, to_atlas: np.ndarray, image: np.ndarray, grid) -> float:
-    """Dice of the image's and the registered atlas's solid heads, within 130 mm of the top of the head."""
-    from deface.preprocessing import resample
+def outline_overlap(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                    to_moving: np.ndarray) -> float:
+    """Dice of the solid heads of ``fixed`` and of ``moving`` mapped onto it, within 130 mm of the top."""
+    from deface.preprocessing import Grid, resample
 
-    top = _top_of_head(image, grid.affine, 130.0)
-    scan = head_silhouette(image) & top
-    warped = resample(torch.from_numpy(head_silhouette(atlas.image).astype(np.float32))[None],
-                      np.linalg.inv(to_atlas) @ atlas.affine, grid)[0].numpy() >= 0.5
-    warped &= top
+    top = _top_of_head(fixed, fixed_affine, 130.0)
+    scan = head_silhouette(fixed) & top
+    warped = resample(torch.from_numpy(head_silhouette(moving).astype(np.float32))[None],
+                      np.linalg.inv(to_moving) @ moving_affine, Grid(tuple(fixed.shape), fixed_affine))[0].numpy()
+    warped = (warped >= 0.5) & top
     total = scan.sum() + warped.sum()
     return float(2 * (scan & warped).sum() / total) if total else 0.0
+
+
+def register_head(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                  shrink: tuple[int, ...] = (4, 2)) -> tuple[np.ndarray, str]:
+    """(fixed -> moving world transform, "mi" or "outline"): both registrations, the better fit.
+
+    Mutual information can settle on a shrunken template whose bright scalp sits on the bright
+    CSF of a T2 or PD image; the head outline cannot. The intensity registration is kept unless
+    its head outline fits clearly worse than the outline registration's.
+    """
+    fits = {}
+    for metric in ("mi", "outline"):
+        m = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0, metric=metric)
+        fits[metric] = (outline_overlap(fixed, fixed_affine, moving, moving_affine, m), m)
+    best = "mi" if fits["mi"][0] >= fits["outline"][0] - OUTLINE_TOLERANCE else "outline"
+    return fits[best][1], best
 
 
 def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
@@ -86,14 +103,7 @@ def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: 
     t0 = time.perf_counter()
     grid = Grid(tuple(image.shape), affine)
     try:
-        # Mutual information can settle on a shrunken atlas whose bright scalp sits on the bright
-        # CSF of a T2 or PD image; the head outline cannot. Keep the intensity registration
-        # unless its head outline fits clearly worse than the outline registration's.
-        candidates = []
-        for metric in ("mi", "outline"):
-            m = register_affine(image, affine, atlas.image, atlas.affine, shrink=shrink, sampling=1.0, metric=metric)
-            candidates.append((outline_overlap(atlas, m, image, grid), m))
-        to_atlas = candidates[0][1] if candidates[0][0] >= candidates[1][0] - OUTLINE_TOLERANCE else candidates[1][1]
+        to_atlas, _ = register_head(image, affine, atlas.image, atlas.affine, shrink)
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):

@@ -39,7 +39,7 @@ class PostprocessConfig:
     # dilated by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
     atlas_threshold: float = 0.5
-    atlas_margin_mm: float = 4.0
+    atlas_margin_mm: float = 6.0
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deface import BACKGROUND, FACE
-from deface.atlas import Atlas, atlas_brain, plausible
+from deface.atlas import Atlas, atlas_brain, outline_overlap, plausible
 from deface.cli import EXAMPLE_HEAD
 from deface.network import TINY_ARCHITECTURE, build_network
 from tests.conftest import world_points
@@ -30,6 +30,15 @@ def test_plausible_transform():
     assert plausible(np.eye(4))
     assert not plausible(np.diag([2.0, 1.0, 1.0, 1.0]))
     assert not plausible(np.full((4, 4), np.nan))
+
+
+def test_outline_overlap_tells_a_shrunken_atlas_from_a_fitting_one():
+    """The check that overrules mutual information when it settles on a shrunken template."""
+    atlas = Atlas.load()
+    same = outline_overlap(atlas.image, atlas.affine, atlas.image, atlas.affine, np.eye(4))
+    shrunk = np.diag([1.35, 1.35, 1.35, 1.0])  # image mm -> atlas mm: the atlas appears 1/1.35 the size
+    assert same > 0.99
+    assert outline_overlap(atlas.image, atlas.affine, atlas.image, atlas.affine, shrunk) < same - 0.05
 
 
 def test_failed_registration_is_reported_not_raised():

@@ -1,8 +1,8 @@
 """Silver-standard face/brain labels for a new scan, without manual work (``deface-label``).
 
 1. Both the scan and the MNI152 T1 template go to a 2 mm RAS grid; SimpleITK registers the
-   template to the scan (moments initialisation, 12-parameter affine, Mattes mutual
-   information, so any contrast works).
+   template to the scan (12-parameter affine) on intensities (Mattes mutual information) and on
+   the head outline, keeping the better fit (deface.atlas.register_head).
 2. The face region (deface.data.labels, defined analytically in MNI mm) is evaluated at every
    scan voxel and intersected with the scan's own head mask.
 3. The brain is the MNI brain prior (mean of the 20 BrainWeb brains) propagated through the
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from deface.atlas import register_affine
+from deface.atlas import register_head
 
 log = logging.getLogger("deface.label")
 
@@ -82,8 +82,8 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     tmpl = nib.load(str(root / DEFAULT_TEMPLATE))
     fixed = to_canonical(data, affine)
     moving = to_canonical(np.asarray(tmpl.dataobj, np.float32), tmpl.affine)
-    to_mni = register_affine(fixed.image[0].numpy(), fixed.grid.affine, moving.image[0].numpy(),
-                             moving.grid.affine)
+    to_mni, _ = register_head(fixed.image[0].numpy(), fixed.grid.affine, moving.image[0].numpy(),
+                              moving.grid.affine, shrink=(4, 2, 1))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
     if brain is None:
