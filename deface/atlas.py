@@ -147,7 +147,8 @@ def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0)
 
 def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
                     moving_affine: np.ndarray, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
-                    iterations: int = 300, sampling: float = 0.3, metric: str = "mi") -> np.ndarray:
+                    iterations: int = 300, sampling: float = 0.3, metric: str = "mi",
+                    min_step: float = 1e-4) -> np.ndarray:
     """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
 
     Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
@@ -187,7 +188,7 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
             reg.SetMetricSamplingPercentage(sampling, seed)
         reg.SetMetricFixedMask(fixed_mask)
         reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations, relaxationFactor=0.6)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, min_step, iterations, relaxationFactor=0.6)
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel(list(shrink))
         reg.SetSmoothingSigmasPerLevel([float(s) for s in shrink])
