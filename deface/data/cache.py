@@ -28,6 +28,10 @@ REAL_HEADS = {
     "clinical_stroke_t2": None,
     "pydeface_mean_head": None,
 }
+# Heads labelled with the shipped BrainWeb atlas as template: the MNI152 registration put their
+# brain label into the orbits (QC PNGs, 2026-11-23). The others keep MNI152, independent of the
+# wrapper's atlas guard.
+TEMPLATES = {"ixi012_t1": "brainweb", "ixi015_t1": "brainweb"}
 
 
 def _to_ras_1mm(data: np.ndarray, affine: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,7 +80,8 @@ def build_cache(root: Path, out: Path, heads: list[str] | None = None, brainweb:
         brain = None
         if REAL_HEADS.get(name):
             brain = np.asanyarray(nib.load(str(root / "heads" / f"{REAL_HEADS[name]}.nii.gz")).dataobj) > 0
-        labels, to_mni = label_scan(data, img.affine, root, brain=brain, prior=prior)
+        labels, to_mni = label_scan(data, img.affine, root, brain=brain, prior=prior,
+                                   template=TEMPLATES.get(name, "mni152"))
         qc_png(data, labels, img.affine, out / "qc" / f"{name}_labels.png", name)
         image, lab, affine = _to_ras_1mm(data, img.affine, labels)
         np.savez_compressed(out / f"real_{name}.npz", image=to_unit(image), labels=lab, affine=affine)

@@ -71,19 +71,36 @@ def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarray | None = None,
-               prior: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (uint8, on the scan's grid) and the scan -> MNI affine for a 3D scan."""
+               prior: tuple[np.ndarray, np.ndarray] | None = None, template: str = "mni152"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (uint8, on the scan's grid) and the scan -> MNI affine for a 3D scan.
+
+    ``template``: "mni152" (the FSL MNI152 T1 head under ``root``, independent of the wrapper's
+    atlas guard, so evaluations against these labels are not circular) or "brainweb" (the
+    wrapper's shipped BrainWeb atlas; fits heads where the MNI152 registration does not, e.g.
+    the IXI scans, whose MNI152 brain label reached into the orbits).
+    """
     import nibabel as nib
     import torch
 
     from deface.data.labels import compose_labels
     from deface.preprocessing import Grid, resample, to_canonical
 
-    tmpl = nib.load(str(root / DEFAULT_TEMPLATE))
     fixed = to_canonical(data, affine)
-    moving = to_canonical(np.asarray(tmpl.dataobj, np.float32), tmpl.affine)
-    to_mni, _ = register_head(fixed.image[0].numpy(), fixed.grid.affine, moving.image[0].numpy(),
-                              moving.grid.affine, shrink=(4, 2, 1))
+    if template == "brainweb":
+        from deface.atlas import Atlas
+
+        atlas = Atlas.load()
+        moving_image, moving_affine = atlas.image, atlas.affine
+        prior = (atlas.brain, atlas.affine)
+    elif template == "mni152":
+        tmpl = nib.load(str(root / DEFAULT_TEMPLATE))
+        moving = to_canonical(np.asarray(tmpl.dataobj, np.float32), tmpl.affine)
+        moving_image, moving_affine = moving.image[0].numpy(), moving.grid.affine
+    else:
+        raise ValueError(f"template must be mni152 or brainweb, not {template!r}")
+    to_mni, _ = register_head(fixed.image[0].numpy(), fixed.grid.affine, moving_image, moving_affine,
+                              shrink=(4, 2, 1))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
     if brain is None:
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="optional brain masks or brain-extracted images, one per image, same grid")
     parser.add_argument("--data-root", type=Path, default=None, help="shared data folder (default $DEFACE_DATA)")
     parser.add_argument("--no-qc", action="store_true", help="skip the QC PNG")
+    parser.add_argument("--template", choices=["mni152", "brainweb"], default="mni152",
+                        help="head registered to the scan: MNI152 T1 from the data folder (default) or the "
+                             "shipped BrainWeb atlas (try it when the QC PNG shows a misplaced brain)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import nibabel as nib
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             brain = None
             if i < len(args.brain_mask):
                 brain = np.asanyarray(nib.load(str(args.brain_mask[i])).dataobj) > 0
-            labels, _ = label_scan(data, img.affine, root, brain=brain, prior=prior)
+            labels, _ = label_scan(data, img.affine, root, brain=brain, prior=prior, template=args.template)
             name = path.name.split(".")[0]
             out = nib.Nifti1Image(labels, img.affine)
             out.set_qform(img.affine, 1)
