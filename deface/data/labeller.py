@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.data_root or shared_data_root()
     args.outdir.mkdir(parents=True, exist_ok=True)
-    prior = mni_brain_prior(root)
+    prior = mni_brain_prior(root) if args.template == "mni152" else None  # the atlas brings its own
     failed = 0
     for i, path in enumerate(args.images):
         try:

@@ -1,0 +1,41 @@
+"""deface-label on a head whose anatomy is known: the shipped BrainWeb atlas head resampled onto
+an oblique, non-cubic grid. The registration must undo the rotation and shift, and the labels
+must put the brain where the atlas brain is and the face in front of and below it, never in it."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from deface.atlas import Atlas
+from deface.data.labeller import main as label_main
+from deface.preprocessing import Grid, resample
+from tests.conftest import oblique_affine
+
+
+def test_labeller_recovers_an_oblique_head(tmp_path):
+    atlas = Atlas.load()
+    shape = (72, 84, 80)
+    affine = oblique_affine(shape, (2.5, 2.3, 2.4), angle_deg=20.0)
+    affine[:3, 3] += np.array([4.0, -12.0, 10.0])  # the atlas head's centre is not at the origin
+    grid = Grid(shape, affine)
+    image = resample(torch.from_numpy(atlas.image)[None], atlas.affine, grid)[0].numpy()
+    truth = resample(torch.from_numpy(atlas.brain)[None], atlas.affine, grid)[0].numpy() >= 0.5
+    src = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image((image * 1000).astype(np.int16), affine), str(src))
+
+    assert label_main([str(src), "-o", str(tmp_path / "out"), "--template", "brainweb",
+                       "--data-root", str(tmp_path / "nowhere")]) == 0
+    out = nib.load(str(tmp_path / "out" / "head_labels.nii.gz"))
+    assert out.shape == shape and np.allclose(out.affine, affine)
+    assert (tmp_path / "out" / "head_labels.png").exists()
+    labels = np.asarray(out.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    brain, face = labels == 2, labels == 1
+    assert 2 * (brain & truth).sum() / (brain.sum() + truth.sum()) > 0.9
+    assert not (face & truth).any()
+    assert face.sum() * np.abs(np.linalg.det(affine[:3, :3])) / 1000 > 20  # mL of face tissue
+    world = lambda m: affine[:3, :3] @ np.argwhere(m).mean(0) + affine[:3, 3]  # noqa: E731
+    d = world(face) - world(brain)
+    assert d[1] > 30 and d[2] < 0  # the face lies in front of and below the brain
