@@ -3,9 +3,9 @@
 The network can take brain for face in a contrast or anatomy it has not learned (a clinical T2
 lost its orbitofrontal cortex this way). The atlas does not depend on the network: the mean
 T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
-``scripts/build_atlas.py``) is registered to the canonical image twice (12-parameter affine):
-on intensities (Mattes mutual information) and on the head's outline (mean squares of the
-filled head masks, blind to contrast); the one whose head outline fits the image better wins.
+``scripts/build_atlas.py``) is registered to the canonical image (12-parameter affine) on the
+head's outline (mean squares of the filled head masks, blind to contrast), then refined on
+intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit.
 Its brain probability, thresholded, is protected like the network's brain. The labeller
 registers its template with the same ``register_head``.
 """
@@ -77,18 +77,21 @@ def outline_overlap(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
 
 def register_head(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
                   shrink: tuple[int, ...] = (4, 2)) -> tuple[np.ndarray, str]:
-    """(fixed -> moving world transform, "mi" or "outline"): both registrations, the better fit.
+    """(fixed -> moving world transform, "mi" or "outline"): the head outline first, then
+    intensities refined from it, and the refinement kept unless it spoils the outline fit.
 
-    Mutual information can settle on a shrunken template whose bright scalp sits on the bright
-    CSF of a T2 or PD image; the head outline cannot. The intensity registration is kept unless
-    its head outline fits clearly worse than the outline registration's.
+    Mutual information alone can settle on a shrunken template whose bright scalp sits on the
+    bright CSF of a T2 or PD image; the head outline cannot, but it knows nothing of the inside.
     """
-    fits = {}
-    for metric in ("mi", "outline"):
-        m = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0, metric=metric)
-        fits[metric] = (outline_overlap(fixed, fixed_affine, moving, moving_affine, m), m)
-    best = "mi" if fits["mi"][0] >= fits["outline"][0] - OUTLINE_TOLERANCE else "outline"
-    return fits[best][1], best
+    outline = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0,
+                              metric="outline")
+    refined = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0,
+                              metric="mi", init=outline)
+    fit_outline = outline_overlap(fixed, fixed_affine, moving, moving_affine, outline)
+    fit_refined = outline_overlap(fixed, fixed_affine, moving, moving_affine, refined)
+    if fit_refined >= fit_outline - OUTLINE_TOLERANCE:
+        return refined, "mi"
+    return outline, "outline"
 
 
 def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
@@ -148,7 +151,7 @@ def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0)
 def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
                     moving_affine: np.ndarray, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
                     iterations: int = 300, sampling: float = 0.3, metric: str = "mi",
-                    min_step: float = 1e-4) -> np.ndarray:
+                    min_step: float = 1e-4, init: np.ndarray | None = None) -> np.ndarray:
     """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
 
     Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
@@ -158,7 +161,8 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     subsampling factors); ``iterations``: optimiser steps per level; ``sampling``: fraction of
     voxels the metric samples at random (1.0: all of them, deterministic); ``metric``: "mi"
     (Mattes mutual information of the intensities) or "outline" (mean squares of the smoothed,
-    filled head masks: blind to contrast, it matches the head's outline only).
+    filled head masks: blind to contrast, it matches the head's outline only); ``init``: a
+    fixed -> moving transform to start the affine stage from (the similarity stage is skipped).
     """
     import SimpleITK as sitk
 
@@ -197,14 +201,21 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
         reg.Execute(f, m)
         return tx
 
-    sim = sitk.Similarity3DTransform()
-    sim.SetCenter([float(v) for v in cf])
-    sim.SetTranslation([float(v) for v in cm - cf])
-    sim = run(sim)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
     aff = sitk.AffineTransform(3)
-    aff.SetCenter(sim.GetCenter())
-    aff.SetMatrix(sim.GetMatrix())
-    aff.SetTranslation(sim.GetTranslation())
+    aff.SetCenter([float(v) for v in cf])
+    if init is None:
+        sim = sitk.Similarity3DTransform()
+        sim.SetCenter([float(v) for v in cf])
+        sim.SetTranslation([float(v) for v in cm - cf])
+        sim = run(sim)
+        aff.SetMatrix(sim.GetMatrix())
+        aff.SetTranslation(sim.GetTranslation())
+    else:
+        start = flip @ init @ flip  # x -> A x + b in LPS; with centre c the translation is b + A c - c
+        a0, b0 = start[:3, :3], start[:3, 3]
+        aff.SetMatrix([float(v) for v in a0.ravel()])
+        aff.SetTranslation([float(v) for v in b0 + a0 @ cf - cf])
     tx = run(aff)
     a = np.array(tx.GetMatrix()).reshape(3, 3)
     c = np.array(tx.GetCenter())
@@ -212,5 +223,4 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     lps = np.eye(4)
     lps[:3, :3] = a
     lps[:3, 3] = t + c - a @ c
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     return flip @ lps @ flip

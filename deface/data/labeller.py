@@ -1,8 +1,8 @@
 """Silver-standard face/brain labels for a new scan, without manual work (``deface-label``).
 
 1. Both the scan and the MNI152 T1 template go to a 2 mm RAS grid; SimpleITK registers the
-   template to the scan (12-parameter affine) on intensities (Mattes mutual information) and on
-   the head outline, keeping the better fit (deface.atlas.register_head).
+   template to the scan (12-parameter affine) on the head outline, then refined on intensities
+   (Mattes mutual information) unless that spoils the outline fit (deface.atlas.register_head).
 2. The face region (deface.data.labels, defined analytically in MNI mm) is evaluated at every
    scan voxel and intersected with the scan's own head mask.
 3. The brain is the MNI brain prior (mean of the 20 BrainWeb brains) propagated through the
