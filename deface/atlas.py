@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,34 @@ class Atlas:
         return cls(z["image"].astype(np.float32) / 255.0, z["brain"].astype(np.float32) / float(z["subjects"]),
                    z["affine"].astype(np.float64))
 
+    @cached_property
+    def head(self) -> "Head":
+        """The atlas head prepared for registration, once for every image it is registered to."""
+        return Head(self.image, self.affine)
+
+
+@dataclass
+class Head:
+    """A normalised head image on an axis-aligned RAS grid and the masks registration needs,
+    each computed once however many registration stages use it."""
+
+    image: np.ndarray
+    affine: np.ndarray
+
+    @cached_property
+    def solid(self) -> np.ndarray:
+        return head_silhouette(self.image)
+
+    @cached_property
+    def top(self) -> np.ndarray:
+        """The top 170 mm: the metric region and the start of every registration."""
+        return _top_of_head(self.image, self.affine)
+
+    @cached_property
+    def near_top(self) -> np.ndarray:
+        """Head voxels within 130 mm of the top: where outline fits are compared."""
+        return _top_of_head(self.image, self.affine, 130.0)
+
 
 @dataclass
 class AtlasBrain:
@@ -61,35 +90,28 @@ def plausible(to_atlas: np.ndarray) -> bool:
     return bool(sv.min() >= PLAUSIBLE_SCALE[0] and sv.max() <= PLAUSIBLE_SCALE[1])
 
 
-def outline_overlap(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-                    to_moving: np.ndarray) -> float:
+def outline_overlap(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     """Dice of the solid heads of ``fixed`` and of ``moving`` mapped onto it, within 130 mm of the top."""
     from deface.preprocessing import Grid, resample
 
-    top = _top_of_head(fixed, fixed_affine, 130.0)
-    scan = head_silhouette(fixed) & top
-    warped = resample(torch.from_numpy(head_silhouette(moving).astype(np.float32))[None],
-                      np.linalg.inv(to_moving) @ moving_affine, Grid(tuple(fixed.shape), fixed_affine))[0].numpy()
-    warped = (warped >= 0.5) & top
+    warped = resample(torch.from_numpy(moving.solid.astype(np.float32))[None],
+                      np.linalg.inv(to_moving) @ moving.affine, Grid(tuple(fixed.image.shape), fixed.affine))[0].numpy()
+    scan = fixed.solid & fixed.near_top
+    warped = (warped >= 0.5) & fixed.near_top
     total = scan.sum() + warped.sum()
     return float(2 * (scan & warped).sum() / total) if total else 0.0
 
 
-def register_head(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-                  shrink: tuple[int, ...] = (4, 2)) -> tuple[np.ndarray, str]:
+def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2)) -> tuple[np.ndarray, str]:
     """(fixed -> moving world transform, "mi" or "outline"): the head outline first, then
     intensities refined from it, and the refinement kept unless it spoils the outline fit.
 
     Mutual information alone can settle on a shrunken template whose bright scalp sits on the
     bright CSF of a T2 or PD image; the head outline cannot, but it knows nothing of the inside.
     """
-    outline = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0,
-                              metric="outline")
-    refined = register_affine(fixed, fixed_affine, moving, moving_affine, shrink=shrink, sampling=1.0,
-                              metric="mi", init=outline)
-    fit_outline = outline_overlap(fixed, fixed_affine, moving, moving_affine, outline)
-    fit_refined = outline_overlap(fixed, fixed_affine, moving, moving_affine, refined)
-    if fit_refined >= fit_outline - OUTLINE_TOLERANCE:
+    outline = register_affine(fixed, moving, shrink=shrink, sampling=1.0, metric="outline")
+    refined = register_affine(fixed, moving, shrink=shrink, sampling=1.0, metric="mi", init=outline)
+    if outline_overlap(fixed, moving, refined) >= outline_overlap(fixed, moving, outline) - OUTLINE_TOLERANCE:
         return refined, "mi"
     return outline, "outline"
 
@@ -106,7 +128,7 @@ def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: 
     t0 = time.perf_counter()
     grid = Grid(tuple(image.shape), affine)
     try:
-        to_atlas, _ = register_head(image, affine, atlas.image, atlas.affine, shrink)
+        to_atlas, _ = register_head(Head(image, affine), atlas.head, shrink)
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
@@ -120,9 +142,10 @@ def _to_sitk(image: np.ndarray, affine: np.ndarray):
     """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
     import SimpleITK as sitk
 
+    from deface.preprocessing import voxel_sizes
+
     img = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32))
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    img.SetSpacing([float(s) for s in spacing])
+    img.SetSpacing([float(s) for s in voxel_sizes(affine)])
     img.SetOrigin([float(-affine[0, 3]), float(-affine[1, 3]), float(affine[2, 3])])
     img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])
     return img
@@ -148,13 +171,12 @@ def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0)
     return mask & (z >= top - depth_mm)[None, None, :]
 
 
-def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
-                    moving_affine: np.ndarray, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
+def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
                     iterations: int = 300, sampling: float = 0.3, metric: str = "mi",
                     min_step: float = 1e-4, init: np.ndarray | None = None) -> np.ndarray:
     """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
 
-    Both inputs are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
+    Both heads are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
     start aligns the centroids of the top 170 mm of both heads (a neck in the scan would pull
     a moments start down); a similarity stage then a 12-parameter affine stage follow, with
     the metric restricted to that top part of the scan. ``shrink``: pyramid levels (grid
@@ -166,11 +188,13 @@ def register_affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndar
     """
     import SimpleITK as sitk
 
-    fmask, mmask = _top_of_head(fixed, fixed_affine), _top_of_head(moving, moving_affine)
+    fixed_affine, moving_affine = fixed.affine, moving.affine
+    fmask, mmask = fixed.top, moving.top
     if metric == "outline":
-        fixed = ndi.gaussian_filter(head_silhouette(fixed).astype(np.float32), 1.5)
-        moving = ndi.gaussian_filter(head_silhouette(moving).astype(np.float32), 1.5)
-    f, m = _to_sitk(fixed, fixed_affine), _to_sitk(moving, moving_affine)
+        f = _to_sitk(ndi.gaussian_filter(fixed.solid.astype(np.float32), 1.5), fixed_affine)
+        m = _to_sitk(ndi.gaussian_filter(moving.solid.astype(np.float32), 1.5), moving_affine)
+    else:
+        f, m = _to_sitk(fixed.image, fixed_affine), _to_sitk(moving.image, moving_affine)
 
     def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
         c = np.argwhere(mask).mean(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from deface.atlas import register_head
+from deface.atlas import Head, register_head
 
 log = logging.getLogger("deface.label")
 
@@ -99,7 +99,7 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
         moving_image, moving_affine = moving.image[0].numpy(), moving.grid.affine
     else:
         raise ValueError(f"template must be mni152 or brainweb, not {template!r}")
-    to_mni, _ = register_head(fixed.image[0].numpy(), fixed.grid.affine, moving_image, moving_affine,
+    to_mni, _ = register_head(Head(fixed.image[0].numpy(), fixed.grid.affine), Head(moving_image, moving_affine),
                               shrink=(4, 2, 1))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
