@@ -84,7 +84,7 @@ class AtlasBrain:
 
 def plausible(to_atlas: np.ndarray) -> bool:
     """True when the linear part only rotates and scales the head by a plausible amount."""
-    if not np.all(np.isfinite(to_atlas)):
+    if not np.all(np.isfinite(to_atlas)) or np.linalg.det(to_atlas[:3, :3]) <= 0:
         return False
     sv = np.linalg.svd(to_atlas[:3, :3], compute_uv=False)
     return bool(sv.min() >= PLAUSIBLE_SCALE[0] and sv.max() <= PLAUSIBLE_SCALE[1])
@@ -116,26 +116,42 @@ def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2)) -
     return outline, "outline"
 
 
-def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
-                shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
-    """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there.
+def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: tuple[int, ...] = (4, 2)
+                   ) -> AtlasBrain:
+    """Register ``atlas`` to a normalised, axis-aligned RAS ``image`` (X, Y, Z); no mask yet.
 
-    Never raises: a failed or implausible registration returns ``mask=None`` and says why, and
+    Never raises: a failed or implausible registration has ``to_atlas=None`` and says why, and
     the caller decides (the wrapper warns and relies on the network alone).
     """
-    from deface.preprocessing import Grid, resample
-
     t0 = time.perf_counter()
-    grid = Grid(tuple(image.shape), affine)
     try:
         to_atlas, _ = register_head(Head(image, affine), atlas.head, shrink)
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
-        return AtlasBrain(None, to_atlas, "implausible", time.perf_counter() - t0)
-    # Canonical voxel -> world -> atlas world -> atlas voxel.
+        return AtlasBrain(None, None, "implausible", time.perf_counter() - t0)
+    return AtlasBrain(None, to_atlas, "ok", time.perf_counter() - t0)
+
+
+def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: float) -> torch.Tensor:  # noqa: F821
+    """The atlas brain (probability >= ``threshold``) on any grid, through a registration."""
+    from deface.preprocessing import resample
+
+    # Grid voxel -> world -> atlas world -> atlas voxel.
     prob = resample(torch.from_numpy(atlas.brain)[None], np.linalg.inv(to_atlas) @ atlas.affine, grid)[0]
-    return AtlasBrain(prob >= threshold, to_atlas, "ok", time.perf_counter() - t0)
+    return prob >= threshold
+
+
+def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
+                shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
+    """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there."""
+    from deface.preprocessing import Grid
+
+    reg = register_atlas(atlas, image, affine, shrink)
+    if reg.to_atlas is None:
+        return reg
+    reg.mask = brain_on_grid(atlas, reg.to_atlas, Grid(tuple(image.shape), affine), threshold)
+    return reg
 
 
 def _to_sitk(image: np.ndarray, affine: np.ndarray):

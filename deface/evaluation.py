@@ -6,8 +6,13 @@ For one labelled head (image + labels on the same grid, 0 background, 1 face, 2 
 - ``recall_face``: the fraction of reference face voxels holding tissue that the full wrapper
   removed (what a re-identification attack cares about);
 - ``brain_changed``: reference brain voxels whose stored value the full wrapper changed (must be 0).
+- ``recall_surface``: the same within ``SURFACE_MM`` of the skin (the tissue a surface render shows);
+- ``changed_ml``: volume whose stored value changed (must be 0 for a brain-only image).
 Contrast variants (``contrast_variant``) turn a real T1 into crude T2-, PD- and FLAIR-like images
 by remapping intensities inside the head, to probe contrast robustness without new scans.
+Acquisition variants (``acquisition_variant``) re-acquire a labelled head the way unseen scans
+differ: thick slices along each axis, coarse voxels, a tilted head, fields of view cut at the
+chin, through the mouth or through the nose, and a brain-extracted (skull-stripped) image.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from deface import BRAIN, FACE
 from deface.preprocessing import Grid, resample, voxel_sizes
 
 CONTRASTS = ("original", "t2like", "pdlike", "flairlike")
+ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", "tilted",
+                "crop_chin", "crop_mouth", "crop_nose", "brain_only")
+SURFACE_MM = 10.0
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,6 +76,102 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     return np.where(head, 0.05 + 0.95 * y, x).astype(np.float32)
 
 
+def world_axis(affine: np.ndarray, letter: str) -> tuple[int, int]:
+    """(array axis, +1/-1) along which the world direction ``letter`` (R, A or S) grows most."""
+    col = {"R": 0, "A": 1, "S": 2}[letter]
+    axis = int(np.argmax(np.abs(affine[col, :3])))
+    return axis, (1 if affine[col, axis] > 0 else -1)
+
+
+def thicken(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, axis: int, factor: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slabs of ``factor`` slices along ``axis`` averaged into one thick slice (labels: the centre slice)."""
+    n = data.shape[axis] // factor
+    cut = [slice(None)] * 3
+    cut[axis] = slice(0, n * factor)
+    shape = list(data.shape)
+    shape[axis: axis + 1] = [n, factor]
+    thick = data[tuple(cut)].reshape(shape).mean(axis + 1)
+    centre = [slice(None)] * 3
+    centre[axis] = slice(factor // 2, n * factor, factor)
+    aff = affine.copy()
+    aff[:3, 3] += aff[:3, axis] * (factor - 1) / 2.0
+    aff[:3, axis] *= factor
+    return thick.astype(np.float32), labels[tuple(centre)], aff
+
+
+def crop_along(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, letter: str, lo: int, hi: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep positions ``lo``..``hi`` (inclusive), counted along world ``letter`` from its low end
+    (0 = the most left / posterior / inferior slice), as a narrower field of view would."""
+    axis, sign = world_axis(affine, letter)
+    n = data.shape[axis]
+    lo, hi = max(lo, 0), min(hi, n - 1)
+    start, stop = (lo, hi + 1) if sign > 0 else (n - 1 - hi, n - lo)
+    cut = [slice(None)] * 3
+    cut[axis] = slice(start, stop)
+    aff = affine.copy()
+    aff[:3, 3] += aff[:3, axis] * start
+    return np.ascontiguousarray(data[tuple(cut)]), np.ascontiguousarray(labels[tuple(cut)]), aff
+
+
+def _extent(mask: np.ndarray, affine: np.ndarray, letter: str) -> tuple[int, int]:
+    """(lowest, highest) index of ``mask`` counted along world ``letter`` (0 = the low world end)."""
+    axis, sign = world_axis(affine, letter)
+    idx = np.nonzero(mask.any(tuple(a for a in range(3) if a != axis)))[0]
+    n = mask.shape[axis]
+    lo, hi = (idx.min(), idx.max()) if sign > 0 else (n - 1 - idx.max(), n - 1 - idx.min())
+    return int(lo), int(hi)
+
+
+def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, kind: str
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, reference labels, affine): the labelled head as another acquisition would store it.
+
+    ``thick_*``: 6 mm slices along the world axis named (partial-volume averaged, as 2D clinical
+    scans are); ``coarse_3mm``: 3 mm voxels; ``tilted``: the head pitched 25 degrees and rolled 12
+    in world space (same array); ``crop_chin``: no neck, the field of view ends 5 mm below the
+    lowest face voxel; ``crop_mouth``: it ends halfway up the face (lips and chin cut off);
+    ``crop_nose``: the anterior edge cuts 12 mm off the front of the face (nose tip gone);
+    ``brain_only``: every voxel outside the brain label set to 0 (nothing may change).
+    """
+    data = data.astype(np.float32)
+    if kind == "original":
+        return data, labels, affine
+    vs = voxel_sizes(affine)
+    if kind.startswith("thick_"):
+        letter = {"axial": "S", "coronal": "A", "sagittal": "R"}[kind.split("_")[1]]
+        axis, _ = world_axis(affine, letter)
+        return thicken(data, labels, affine, axis, max(1, int(round(6.0 / vs[axis]))))
+    if kind == "coarse_3mm":
+        for axis in range(3):
+            data, labels, affine = thicken(data, labels, affine, axis, max(1, int(round(3.0 / vs[axis]))))
+        return data, labels, affine
+    if kind == "tilted":
+        a, b = np.deg2rad(25.0), np.deg2rad(12.0)
+        pitch = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        roll = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+        rot = np.eye(4)
+        rot[:3, :3] = roll @ pitch
+        return data, labels, rot @ affine
+    if kind == "brain_only":
+        return np.where(labels == BRAIN, data, 0).astype(np.float32), labels, affine
+    face = labels == FACE
+    if not face.any():
+        raise ValueError("the crop variants need a labelled face")
+    lo, hi = _extent(face, affine, "S")
+    step_s = voxel_sizes(affine)[world_axis(affine, "S")[0]]
+    if kind == "crop_chin":
+        return crop_along(data, labels, affine, "S", lo - int(round(5.0 / step_s)), 10**6)
+    if kind == "crop_mouth":
+        return crop_along(data, labels, affine, "S", (lo + hi) // 2, 10**6)
+    if kind == "crop_nose":
+        _, front = _extent(face, affine, "A")
+        step_a = voxel_sizes(affine)[world_axis(affine, "A")[0]]
+        return crop_along(data, labels, affine, "A", 0, front - int(round(12.0 / step_a)))
+    raise ValueError(f"unknown acquisition {kind!r}; one of {ACQUISITIONS}")
+
+
 def axis_codes() -> list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]]:
     """All 48 (axis permutation, flips) pairs of a 3D array."""
     return [(p, f) for p in itertools.permutations(range(3)) for f in itertools.product((False, True), repeat=3)]
@@ -101,11 +205,30 @@ class HeadScore:
     dice_face: float
     dice_brain: float
     recall_face: float
+    recall_surface: float
     hd95_face_mm: float
     brain_changed: int
     removed_ml: float
+    changed_ml: float
     face_found: bool
     seconds: float
+
+
+def fraction(mask: np.ndarray, of: np.ndarray) -> float:
+    """The fraction of ``of`` that ``mask`` covers (nan when ``of`` is empty)."""
+    return float((mask & of).sum() / of.sum()) if of.any() else float("nan")
+
+
+def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.ndarray:
+    """Voxels of the filled head within ``depth_mm`` of the air outside it (slice-wise hole
+    filling, so a field of view that cuts the head still leaves the outside open)."""
+    from scipy import ndimage as ndi
+
+    head = ndi.binary_fill_holes(tissue)
+    for axis in range(3):
+        head |= np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(tissue, axis, 0)], axis)
+    depth = ndi.distance_transform_edt(head, sampling=spacing)
+    return head & (depth <= depth_mm)
 
 
 def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceResult"]:  # noqa: F821
@@ -129,16 +252,19 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
     tissue = data > 0.05 * float(np.percentile(data, 99.5))
     ref_face = reference == FACE
     face_tissue = ref_face & tissue
-    recall = float((result.mask & face_tissue).sum() / face_tissue.sum()) if face_tissue.any() else float("nan")
+    spacing = voxel_sizes(image.affine)
+    surface = face_tissue & near_skin(tissue, spacing, SURFACE_MM)
     changed = (result.raw != result.volume.raw).reshape(data.shape + (-1,)).any(-1)
     return HeadScore(
         name=name,
         dice_face=dice(pred == FACE, ref_face),
         dice_brain=dice(pred == BRAIN, reference == BRAIN),
-        recall_face=recall,
-        hd95_face_mm=hd95(pred == FACE, ref_face, voxel_sizes(image.affine)),
+        recall_face=fraction(result.mask, face_tissue),
+        recall_surface=fraction(result.mask, surface),
+        hd95_face_mm=hd95(pred == FACE, ref_face, spacing),
         brain_changed=int((changed & (reference == BRAIN)).sum()),
         removed_ml=float(result.stats["removed_ml"]),
+        changed_ml=float(changed.sum() * np.prod(spacing) / 1000.0),
         face_found=bool(result.stats["face_found"]),
         seconds=time.perf_counter() - t0,
     )

@@ -71,6 +71,8 @@ class Defacer:
     ``weights``: a weights folder, .json or .pt (default: the shipped weights).
     ``network`` + ``metadata``: inject a network (tests, fine-tuned models in memory).
     ``atlas_guard``: also protect the brain of a registered atlas (deface.atlas); default on.
+    The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
+    beside the network), its brain is protected in ``apply``.
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", mode: str = "zero",
@@ -120,7 +122,14 @@ class Defacer:
         ref = volume.reference(self.mask_from)
         if not np.isfinite(ref).any() or np.nanmax(ref) == np.nanmin(ref):
             raise io.InputError("the image is constant (all voxels equal): nothing to deface")
-        return volume, to_canonical(ref, volume.affine, self.spacing, self.multiple)
+        canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
+        if self.atlas is None:
+            return volume, canon
+        from deface.atlas import register_atlas
+
+        reg = register_atlas(self.atlas, canon.image[0].numpy(), canon.grid.affine)
+        canon.to_atlas, canon.registration, canon.registration_s = reg.to_atlas, reg.status, reg.seconds
+        return volume, canon
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
@@ -140,14 +149,14 @@ class Defacer:
         """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
         t0 = time.perf_counter()
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0])
-        atlas_status, atlas_s = "off", 0.0
-        if self.atlas is not None and bool(masks.remove.any()):
-            from deface.atlas import atlas_brain
+        if self.post.atlas and canon.registration == "off":
+            raise ValueError("the atlas guard needs the input from Defacer.prepare (it registers the atlas)")
+        if self.post.atlas and canon.to_atlas is not None and bool(masks.remove.any()):
+            from deface.atlas import brain_on_grid
 
-            guard = atlas_brain(self.atlas, canon.image[0].numpy(), canon.grid.affine, self.post.atlas_threshold)
-            atlas_status, atlas_s = guard.status, guard.seconds
-            if guard.mask is not None:  # otherwise only the network protects the brain (stats say why)
-                masks = protect_also(masks, guard.mask, self.post.atlas_margin_mm, self.spacing)
+            guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
+            masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
+        # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
         raw = self.replace(volume, remove)
@@ -163,8 +172,8 @@ class Defacer:
             "removed_voxels": int(remove.sum()),
             "brain_voxels_changed": brain_changed,
             "changed_outside_mask": int((changed & ~remove).sum()),
-            "atlas_registration": atlas_status,
-            "atlas_s": round(atlas_s, 3),
+            "atlas_registration": canon.registration,
+            "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats)

@@ -35,6 +35,11 @@ class PostprocessConfig:
     brain_only_margin_mm: float = 8.0
     brain_only_fraction: float = 0.2
     brain_only_ml: float = 400.0
+    # ... and only if the image's filled tissue and the predicted brain are no larger than an
+    # adult brain with its CSF can be: a network confused by an unusual head (tilted 25 degrees:
+    # 2,450-2,980 mL of "brain") must not make a whole head pass as skull-stripped.
+    brain_only_max_tissue_ml: float = 2400.0
+    brain_only_max_brain_ml: float = 2200.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
     # dilated by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
@@ -111,15 +116,19 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
 
     ``tissue``: voxels holding signal; ``brain``: predicted brain, both on the canonical grid. A
     whole head, even cropped tightly around the face, has hundreds of mL of scalp, skull, face and
-    neck beyond the margin; a brain-extracted image has only stray rim voxels there.
+    neck beyond the margin; a brain-extracted image has only stray rim voxels there. Both volumes
+    must also fit one brain (``brain_only_max_*_ml``), whatever the network says.
     """
     filled = ndi.binary_fill_holes(tissue)
     total = int(filled.sum())
-    if total == 0:
+    voxel_ml = spacing**3 / 1000.0
+    if total == 0 or total * voxel_ml > cfg.brain_only_max_tissue_ml:
+        return False
+    if float(brain.sum()) * voxel_ml > cfg.brain_only_max_brain_ml:
         return False
     near = dilate(brain, int(np.ceil(cfg.brain_only_margin_mm / spacing))).numpy()
     beyond = int((filled & ~near).sum())
-    return beyond / total < cfg.brain_only_fraction and beyond * spacing**3 / 1000.0 < cfg.brain_only_ml
+    return beyond / total < cfg.brain_only_fraction and beyond * voxel_ml < cfg.brain_only_ml
 
 
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,

@@ -141,6 +141,9 @@ class CanonicalInput:
     image: torch.Tensor  # (1, X, Y, Z) float32, normalised
     grid: Grid
     inside: torch.Tensor  # (X, Y, Z) bool: inside the native field of view
+    to_atlas: np.ndarray | None = None  # world -> atlas transform when an atlas was registered
+    registration: str = "off"  # "ok", "implausible", "failed: ..." or "off"
+    registration_s: float = 0.0
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, multiple: int = 16,

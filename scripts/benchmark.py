@@ -60,7 +60,7 @@ def bench(device: str, path: Path, out: Path, repeats: int, weights: str | None)
     m = np.median(rows, axis=0)
     names = ["load", "preprocess", "network", "postprocess", "save"]
     print(f"{device}: " + "  ".join(f"{n} {v:.2f}s" for n, v in zip(names, m)) + f"  total {m.sum():.2f}s"
-          f"  (postprocess includes the atlas registration, {np.median(atlas[1:]):.2f}s)")
+          f"  (preprocess includes the atlas registration, {np.median(atlas[1:]):.2f}s)")
 
 
 def bench_synthesis(cache: Path, n: int) -> None:

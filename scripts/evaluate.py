@@ -3,11 +3,14 @@
     python scripts/evaluate.py --cache data_cache --subjects real_niivue_otsu_t1 \
         --contrasts original t2like pdlike flairlike --csv eval.csv
     python scripts/evaluate.py --pair scan.nii.gz scan_labels.nii.gz      # labels from deface-label
+    python scripts/evaluate.py --subjects real_niivue_otsu_t1 --acquisitions thick_axial crop_nose brain_only
     python scripts/evaluate.py --orientations deface/examples/colin27_t1_2mm.nii.gz
 
 Columns: network Dice (face, brain) and face HD95 on the native grid, recall of labelled face
-tissue removed by the full wrapper, labelled brain voxels the wrapper changed (must be 0),
-volume removed. ``--orientations`` prints the world-space Dice of the removal mask for all 48
+tissue removed by the full wrapper (all of it, and within 10 mm of the skin), labelled brain
+voxels the wrapper changed (must be 0), volume removed and volume changed (0 for brain_only).
+``--acquisitions`` re-acquires each head (thick slices, coarse voxels, tilt, cut fields of view,
+skull-stripped; ``deface.evaluation.acquisition_variant``) before the contrast is changed. ``--orientations`` prints the world-space Dice of the removal mask for all 48
 axis orders of one head against its stored order.
 """
 
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", nargs="*", default=[], help="real heads in the cache, e.g. real_niivue_otsu_t1")
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"))
     p.add_argument("--contrasts", nargs="+", default=["original"], help="original t2like pdlike flairlike")
+    p.add_argument("--acquisitions", nargs="+", default=["original"],
+                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted crop_chin crop_mouth "
+                        "crop_nose brain_only, or all")
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from deface.evaluation import contrast_variant, orientation_agreement, score_head
+    from deface.evaluation import ACQUISITIONS, acquisition_variant, contrast_variant, orientation_agreement, score_head
     from deface.inference import Defacer
 
     defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None)
@@ -56,18 +62,24 @@ def main(argv: list[str] | None = None) -> int:
         data = np.asarray(img.dataobj, dtype=np.float32)
         heads.append((Path(image_path).name.split(".")[0], data, np.asarray(lab.dataobj).astype(np.uint8), img.affine))
 
+    acquisitions = ACQUISITIONS if args.acquisitions == ["all"] else args.acquisitions
     rows = []
     for name, data, labels, affine in heads:
-        for kind in args.contrasts:
-            image = nib.Nifti1Image(contrast_variant(data, labels, kind), affine)
-            score = score_head(defacer, f"{name}:{kind}", image, labels)
-            rows.append(dataclasses.asdict(score))
+        for acq in acquisitions:
+            acq_data, acq_labels, acq_affine = acquisition_variant(data, labels, affine, acq)
+            for kind in args.contrasts:
+                image = nib.Nifti1Image(contrast_variant(acq_data, acq_labels, kind), acq_affine)
+                tag = f"{name}:{kind}" if acq == "original" else f"{name}:{acq}:{kind}"
+                score = score_head(defacer, tag, image, acq_labels)
+                rows.append(dataclasses.asdict(score))
+                print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1].values()),
+                      file=sys.stderr, flush=True)
     if rows:
         cols = list(rows[0])
         print(" | ".join(cols))
         for r in rows:
             print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
-        for key in ("dice_face", "dice_brain", "recall_face"):
+        for key in ("dice_face", "dice_brain", "recall_face", "recall_surface"):
             vals = [r[key] for r in rows if r[key] == r[key]]
             print(f"mean {key}: {np.mean(vals):.3f}" if vals else f"mean {key}: n/a")
         print(f"total brain voxels changed: {sum(r['brain_changed'] for r in rows)}")

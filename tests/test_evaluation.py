@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from deface import BRAIN, FACE
-from deface.evaluation import CONTRASTS, axis_codes, contrast_variant, dice, hd95, reorient, score_head, undo_reorient
+from deface.evaluation import (ACQUISITIONS, CONTRASTS, acquisition_variant, axis_codes, contrast_variant, dice, hd95,
+                               near_skin, reorient, score_head, undo_reorient)
 from tests.conftest import make_phantom, phantom_truth, world_points
 
 
@@ -52,3 +53,40 @@ def test_score_head_counts_brain_voxels_and_recall(defacer):
     assert score.brain_changed == 0  # the random network is kept off the brain by the margin
     assert 0.0 <= score.recall_face <= 1.0 and score.seconds > 0
     assert (labels == FACE).any()
+
+
+@pytest.mark.parametrize("kind", ACQUISITIONS)
+def test_acquisition_variants_keep_labels_on_the_anatomy(kind):
+    """Every re-acquired head keeps its reference labels where the anatomy is, in world space."""
+    img = make_phantom(shape=(80, 100, 90), zooms=(2.0, 2.0, 2.0), angle_deg=20.0)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    labels = phantom_truth(world_points(img.shape, img.affine))
+    out, out_labels, aff = acquisition_variant(data, labels, img.affine, kind)
+    assert out.shape == out_labels.shape and out.dtype == np.float32
+    world = aff
+    if kind == "tilted":  # the head itself moved in world space: undo that rotation to find the truth
+        rotation = aff[:3, :3] @ np.linalg.inv(img.affine[:3, :3])
+        assert np.allclose(rotation @ rotation.T, np.eye(3)) and not np.allclose(rotation, np.eye(3))
+        world = np.linalg.inv(aff @ np.linalg.inv(img.affine)) @ aff
+    truth = phantom_truth(world_points(out.shape, world))
+    # labels follow the image's own grid (thick slices: within half a slice of the slab centre)
+    assert (out_labels == truth).mean() > (0.97 if kind.startswith("thick") or kind == "coarse_3mm" else 0.999)
+    face_before = (labels == FACE).sum() * np.prod(np.abs(np.linalg.eigvals(img.affine[:3, :3])))
+    face_after = (out_labels == FACE).sum() * np.prod(np.abs(np.linalg.eigvals(aff[:3, :3])))
+    if kind == "crop_mouth":
+        assert 0.2 * face_before < face_after < 0.8 * face_before  # the cut goes through the face
+    elif kind == "crop_nose":
+        assert 0.5 * face_before < face_after < 0.99 * face_before
+    elif kind == "brain_only":
+        assert out[labels != BRAIN].max() == 0 and np.array_equal(out[labels == BRAIN], data[labels == BRAIN])
+    else:
+        assert face_after == pytest.approx(face_before, rel=0.1)
+    if kind.startswith("thick") or kind == "coarse_3mm":
+        assert np.prod(out.shape) < np.prod(data.shape)
+
+
+def test_near_skin_is_a_shell():
+    tissue = np.zeros((40, 40, 40), bool)
+    tissue[5:35, 5:35, 5:35] = True
+    shell = near_skin(tissue, np.array([1.0, 1.0, 1.0]), 4.0)
+    assert shell[5, 20, 20] and shell[8, 20, 20] and not shell[20, 20, 20] and not shell[0, 0, 0]

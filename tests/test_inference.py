@@ -136,6 +136,25 @@ def test_whole_head_is_not_taken_for_brain_only(defacer):
     assert not result.stats["brain_only"] and result.stats["removed_voxels"] > 0
 
 
+def test_confused_network_does_not_make_a_whole_head_brain_only(defacer):
+    """A network that calls nearly the whole (adult-sized) head brain, as v1 does on a head
+    tilted 25 degrees, must not get the face left in place as if the image were skull-stripped."""
+    img = make_phantom()
+    big = img.affine.copy()
+    big[:3, :3] *= 1.3  # the phantom at adult size: about 4.6 L of head
+    head_img = nib.Nifti1Image(np.asanyarray(img.dataobj), big)
+    volume, canon = defacer.prepare(head_img)
+    probs = oracle_probs(defacer, canon)
+    points = world_points(canon.grid.shape, canon.grid.affine)
+    tissue = canon.image[0] > 0.08
+    confused = tissue & (probs[FACE] < 0.5)
+    probs[BRAIN][confused], probs[0][confused] = 1.0, 0.0
+    face = tissue & torch.from_numpy(points[..., 1] > 128)  # the nose: little tissue beyond the "brain"
+    probs[FACE][face], probs[BRAIN][face], probs[0][face] = 1.0, 0.0, 0.0
+    result = defacer.apply(volume, canon, probs)
+    assert not result.stats["brain_only"] and result.stats["face_found"] and result.stats["removed_voxels"] > 0
+
+
 def test_already_defaced_head_is_flagged(defacer):
     img = make_phantom(dtype=np.float32)
     noisy = np.asanyarray(img.dataobj) + np.random.default_rng(0).uniform(1, 20, img.shape).astype(np.float32)
