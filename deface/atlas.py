@@ -189,7 +189,8 @@ def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0)
 
 def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int, ...] = (4, 2, 1),
                     iterations: int = 300, sampling: float = 0.3, metric: str = "mi",
-                    min_step: float = 1e-4, init: np.ndarray | None = None) -> np.ndarray:
+                    min_step: float = 1e-4, init: np.ndarray | None = None,
+                    region: np.ndarray | None = None) -> np.ndarray:
     """4x4 RAS world transform taking fixed (scan) world points to moving (template) points.
 
     Both heads are normalised, axis-aligned RAS grids (see preprocessing.to_canonical). The
@@ -200,7 +201,8 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
     voxels the metric samples at random (1.0: all of them, deterministic); ``metric``: "mi"
     (Mattes mutual information of the intensities) or "outline" (mean squares of the smoothed,
     filled head masks: blind to contrast, it matches the head's outline only); ``init``: a
-    fixed -> moving transform to start the affine stage from (the similarity stage is skipped).
+    fixed -> moving transform to start the affine stage from (the similarity stage is skipped);
+    ``region``: where on the fixed grid the metric is evaluated (default: the top 170 mm).
     """
     import SimpleITK as sitk
 
@@ -218,7 +220,8 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         return ras * np.array([-1.0, -1.0, 1.0])  # LPS
 
     cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
-    fixed_mask = _to_sitk(ndi.binary_dilation(fmask, iterations=3).astype(np.float32), fixed_affine)
+    region = ndi.binary_dilation(fmask, iterations=3) if region is None else region
+    fixed_mask = _to_sitk(region.astype(np.float32), fixed_affine)
     fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
 
     def run(tx):
