@@ -39,3 +39,23 @@ def test_labeller_recovers_an_oblique_head(tmp_path):
     world = lambda m: affine[:3, :3] @ np.argwhere(m).mean(0) + affine[:3, 3]  # noqa: E731
     d = world(face) - world(brain)
     assert d[1] > 30 and d[2] < 0  # the face lies in front of and below the brain
+
+
+def test_brain_refinement_undoes_a_pitched_start():
+    """The outline of a round skull leaves pitch loose: started 10 degrees pitched, the brain
+    refinement must bring the template most of the way back (here the truth is the identity)."""
+    from scipy.spatial.transform import Rotation
+
+    from deface.atlas import Head
+    from deface.data.labeller import refine_on_brain
+
+    atlas = Atlas.load()
+    head = Head(atlas.image, atlas.affine)
+    centre = atlas.affine[:3, :3] @ (np.array(atlas.image.shape) / 2.0) + atlas.affine[:3, 3]
+    pitched = np.eye(4)
+    pitched[:3, :3] = Rotation.from_euler("x", 10, degrees=True).as_matrix()
+    pitched[:3, 3] = centre - pitched[:3, :3] @ centre
+    refined = refine_on_brain(head, Head(atlas.image, atlas.affine), pitched, (atlas.brain, atlas.affine))
+    u, _, vt = np.linalg.svd(refined[:3, :3])
+    angle = np.degrees(Rotation.from_matrix(u @ vt).magnitude())
+    assert angle < 4.0
