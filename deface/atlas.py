@@ -142,6 +142,15 @@ def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: f
     return prob >= threshold
 
 
+def face_zone_on_grid(to_atlas: np.ndarray, grid: "Grid", margin_mm: float) -> torch.Tensor:  # noqa: F821
+    """Voxels of ``grid`` inside the face region of the label definition (deface.data.labels,
+    MNI mm; the BrainWeb atlas is in MNI space) through a registration, grown by ``margin_mm``."""
+    from deface.data.labels import face_region_mni, voxel_world
+
+    points = voxel_world(grid.shape, to_atlas @ grid.affine)
+    return torch.from_numpy(face_region_mni(points, margin_mm))
+
+
 def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
                 shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
     """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there."""

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brain-margin", type=float, default=None, metavar="MM",
                    help="protected margin around the predicted brain (default from the weights: 6 mm)")
     p.add_argument("--no-atlas-guard", action="store_true",
-                   help="do not also protect the brain of a registered atlas (faster, relies on the network alone)")
+                   help="no registered atlas: its brain is not protected and removal is not kept to its face "
+                        "region (faster, relies on the network alone)")
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
     p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")

@@ -20,7 +20,7 @@ import torch
 
 from deface import io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import PostprocessConfig, canonical_masks, protect_also, to_native
+from deface.postprocessing import PostprocessConfig, canonical_masks, protect_also, restrict_to, to_native
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
@@ -152,10 +152,11 @@ class Defacer:
         if self.post.atlas and canon.registration == "off":
             raise ValueError("the atlas guard needs the input from Defacer.prepare (it registers the atlas)")
         if self.post.atlas and canon.to_atlas is not None and bool(masks.remove.any()):
-            from deface.atlas import brain_on_grid
+            from deface.atlas import brain_on_grid, face_zone_on_grid
 
             guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
+            masks = restrict_to(masks, face_zone_on_grid(canon.to_atlas, canon.grid, self.post.atlas_face_margin_mm))
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)

@@ -45,6 +45,9 @@ class PostprocessConfig:
     atlas: bool = True
     atlas_threshold: float = 0.5
     atlas_margin_mm: float = 6.0
+    # ... and nothing is removed outside the label definition's face region (deface.data.labels)
+    # mapped through the same registration and grown by this margin: a face is where faces are.
+    atlas_face_margin_mm: float = 10.0
 
 
 @dataclass
@@ -170,6 +173,11 @@ def protect_also(masks: CanonicalMasks, brain: torch.Tensor, margin_mm: float, s
     extra = dilate(brain, int(np.ceil(margin_mm / spacing)))
     return CanonicalMasks(masks.remove & ~extra, masks.protect | extra, masks.face_ml, masks.face_found,
                           masks.brain_only)
+
+
+def restrict_to(masks: CanonicalMasks, allowed: torch.Tensor) -> CanonicalMasks:
+    """``masks`` with removal limited to ``allowed`` (e.g. the registered face region)."""
+    return CanonicalMasks(masks.remove & allowed, masks.protect, masks.face_ml, masks.face_found, masks.brain_only)
 
 
 def native_box(mask: torch.Tensor, canonical: Grid, native: Grid, pad: int = 2) -> tuple[slice, slice, slice] | None:

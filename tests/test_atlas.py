@@ -80,3 +80,24 @@ def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
     else:
         assert result.stats["atlas_registration"] == "off"
         assert result.mask[frontal].all()  # what the guard prevents
+
+
+def test_nothing_is_removed_outside_the_registered_face_region():
+    """A network that calls the whole front half of the head face: with the guard, removal stays
+    in the label definition's face region (grown by the margin) mapped through the registration."""
+    from deface.data.labels import face_region_mni, voxel_world
+    from deface.inference import Defacer
+
+    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_face_margin_mm": 10.0}}
+    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu")
+    img = nib.load(str(EXAMPLE_HEAD))
+    volume, canon = defacer.prepare(img)
+    result = defacer.apply(volume, canon, greedy_probs(canon))
+    assert result.mask.sum() > 5000
+    atlas_mm = voxel_world(img.shape, canon.to_atlas @ img.affine)
+    # Native voxels straddle the 2 mm canonical voxels they come from: allow 3 mm more.
+    assert face_region_mni(atlas_mm[result.mask], 13.0).all()
+    greedy = greedy_probs(canon)[FACE].bool().numpy()
+    world = voxel_world(canon.grid.shape, canon.to_atlas @ canon.grid.affine)
+    assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more

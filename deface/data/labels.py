@@ -23,11 +23,12 @@ BRAIN_GAP_MM = 3.0  # face labels keep this distance from the brain label
 BW_CSF, BW_GM, BW_WM, BW_FAT, BW_MUSCLE, BW_SKIN, BW_SKULL, BW_VESSEL, BW_CONN, BW_DURA, BW_MARROW = range(1, 12)
 
 
-def face_region_mni(points: np.ndarray) -> np.ndarray:
-    """Whether MNI-space points (..., 3) lie in the face region (anterior-inferior wedge)."""
+def face_region_mni(points: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+    """Whether MNI-space points (..., 3) lie in the face region (anterior-inferior wedge),
+    optionally grown by ``margin_mm`` backwards, upwards and downwards."""
     y, z = points[..., 1], points[..., 2]
     boundary = np.interp(z, FACE_BOUNDARY_Z, FACE_BOUNDARY_Y)
-    return (y >= boundary) & (z <= FACE_TOP_Z) & (z >= FACE_BOTTOM_Z)
+    return (y >= boundary - margin_mm) & (z <= FACE_TOP_Z + margin_mm) & (z >= FACE_BOTTOM_Z - margin_mm)
 
 
 def voxel_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
