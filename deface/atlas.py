@@ -102,6 +102,34 @@ def outline_overlap(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     return float(2 * (scan & warped).sum() / total) if total else 0.0
 
 
+BRAIN_REGION_MM = 4.0  # the brain refinement's metric region: the template brain dilated by this
+BRAIN_OUTLINE_TOLERANCE = 0.02  # ... kept unless the head outline fit drops by more than this
+
+
+def refine_on_brain(fixed: Head, moving: Head, to_moving: np.ndarray, prior: tuple[np.ndarray, np.ndarray],
+                    shrink: tuple[int, ...] = (4, 2)) -> np.ndarray:
+    """``to_moving`` (fixed -> moving world) refined by mutual information within the moving
+    head's brain ``prior`` (probability, affine) as currently placed plus a margin, where the
+    brain, CSF and skull edges fix the head's pitch; kept only if the head outline still fits
+    and the transform stays plausible. The outline of a round skull leaves pitch loose: an
+    IXI head's atlas brain reached into its orbits without this."""
+    from deface.preprocessing import Grid, resample
+
+    prob, prior_affine = prior
+    grid = Grid(tuple(fixed.image.shape), fixed.affine)
+    brain = resample(torch.from_numpy(prob)[None], np.linalg.inv(to_moving) @ prior_affine, grid)[0].numpy() >= 0.5
+    if not brain.any():
+        return to_moving
+    step = float(np.abs(fixed.affine[0, 0]))
+    region = ndi.binary_dilation(brain, iterations=max(1, int(round(BRAIN_REGION_MM / step))))
+    refined = register_affine(fixed, moving, shrink=shrink, sampling=1.0, metric="mi", init=to_moving,
+                              region=region)
+    before, after = outline_overlap(fixed, moving, to_moving), outline_overlap(fixed, moving, refined)
+    if plausible(refined) and after >= before - BRAIN_OUTLINE_TOLERANCE:
+        return refined
+    return to_moving
+
+
 def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2)) -> tuple[np.ndarray, str]:
     """(fixed -> moving world transform, "mi" or "outline"): the head outline first, then
     intensities refined from it, and the refinement kept unless it spoils the outline fit.
@@ -125,7 +153,9 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     """
     t0 = time.perf_counter()
     try:
-        to_atlas, _ = register_head(Head(image, affine), atlas.head, shrink)
+        head = Head(image, affine)
+        to_atlas, _ = register_head(head, atlas.head, shrink)
+        to_atlas = refine_on_brain(head, atlas.head, to_atlas, (atlas.brain, atlas.affine), (4, 2, 1))
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):

@@ -46,8 +46,7 @@ def test_brain_refinement_undoes_a_pitched_start():
     refinement must bring the template most of the way back (here the truth is the identity)."""
     from scipy.spatial.transform import Rotation
 
-    from deface.atlas import Head
-    from deface.data.labeller import refine_on_brain
+    from deface.atlas import Head, refine_on_brain
 
     atlas = Atlas.load()
     head = Head(atlas.image, atlas.affine)

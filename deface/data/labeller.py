@@ -3,8 +3,8 @@
 1. Both the scan and the MNI152 T1 template go to a 2 mm RAS grid; SimpleITK registers the
    template to the scan (12-parameter affine) on the head outline, then refined on intensities
    (Mattes mutual information) unless that spoils the outline fit (deface.atlas.register_head),
-   then refined once more on the intensities around the brain only (``refine_on_brain``): the
-   outline of a round skull leaves the head's pitch loose, and a pitched template puts its
+   then refined once more on the intensities around the brain only (deface.atlas.refine_on_brain):
+   the outline of a round skull leaves the head's pitch loose, and a pitched template puts its
    frontal lobes into the orbits.
 2. The face region (deface.data.labels, defined analytically in MNI mm) is evaluated at every
    scan voxel and intersected with the scan's own head mask.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from deface.atlas import Head, register_head
+from deface.atlas import Head, refine_on_brain, register_head
 
 log = logging.getLogger("deface.label")
 
@@ -73,36 +73,6 @@ def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:
     return acc / len(files), affine
 
 
-BRAIN_REGION_MM = 4.0  # the brain refinement's metric region: the template brain dilated by this
-BRAIN_OUTLINE_TOLERANCE = 0.02  # ... kept unless the head outline fit drops by more than this
-
-
-def refine_on_brain(fixed: Head, moving: Head, to_moving: np.ndarray, prior: tuple[np.ndarray, np.ndarray]
-                    ) -> np.ndarray:
-    """``to_moving`` refined by mutual information within the template brain (as currently
-    placed) plus a margin, where the brain, CSF and skull edges fix the head's pitch; kept only
-    if the head outline still fits and the transform stays plausible."""
-    import torch
-
-    from deface.atlas import outline_overlap, plausible, register_affine
-    from deface.preprocessing import Grid, resample
-
-    prob, prior_affine = prior
-    grid = Grid(tuple(fixed.image.shape), fixed.affine)
-    brain = resample(torch.from_numpy(prob)[None], np.linalg.inv(to_moving) @ prior_affine, grid)[0].numpy() >= 0.5
-    if not brain.any():
-        return to_moving
-    step = float(np.abs(fixed.affine[0, 0]))
-    region = ndi.binary_dilation(brain, iterations=max(1, int(round(BRAIN_REGION_MM / step))))
-    refined = register_affine(fixed, moving, shrink=(4, 2, 1), sampling=1.0, metric="mi", init=to_moving,
-                              region=region)
-    before, after = outline_overlap(fixed, moving, to_moving), outline_overlap(fixed, moving, refined)
-    if plausible(refined) and after >= before - BRAIN_OUTLINE_TOLERANCE:
-        return refined
-    log.info("brain refinement dropped (outline fit %.3f -> %.3f)", before, after)
-    return to_moving
-
-
 def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarray | None = None,
                prior: tuple[np.ndarray, np.ndarray] | None = None, template: str = "mni152"
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +105,7 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     fixed_head, moving_head = Head(fixed.image[0].numpy(), fixed.grid.affine), Head(moving_image, moving_affine)
     to_mni, _ = register_head(fixed_head, moving_head, shrink=(4, 2, 1))
     prior = prior if prior is not None else mni_brain_prior(root)
-    to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior)
+    to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior, shrink=(4, 2, 1))
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
     if brain is None:
