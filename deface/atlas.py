@@ -5,7 +5,8 @@ lost its orbitofrontal cortex this way). The atlas does not depend on the networ
 T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
 ``scripts/build_atlas.py``) is registered to the canonical image (12-parameter affine) on the
 head's outline (mean squares of the filled head masks, blind to contrast), then refined on
-intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit.
+intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit;
+a last refinement looks only at the intensities around the atlas brain (``refine_on_brain``).
 Its brain probability, thresholded, is protected like the network's brain. The labeller
 registers its template with the same ``register_head``.
 """

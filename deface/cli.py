@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no registered atlas: its brain is not protected and removal is not kept to its face "
                         "region (faster, relies on the network alone)")
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
-    p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: shipped v1)")
+    p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: the shipped weights)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")
     p.add_argument("--participant-label", nargs="+", default=None, metavar="LABEL", help="BIDS: these subjects only")
     p.add_argument("--suffixes", nargs="+", default=None, metavar="SUFFIX",
