@@ -101,3 +101,27 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     greedy = greedy_probs(canon)[FACE].bool().numpy()
     world = voxel_world(canon.grid.shape, canon.to_atlas @ canon.grid.affine)
     assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more
+
+
+@pytest.mark.parametrize("always_retry", [False, True])
+def test_registration_finds_a_pitched_head(monkeypatch, always_retry):
+    """The atlas head pitched 20 degrees in world space: the registration's rotation must undo
+    the pitch (the pitched starts of register_pose are exercised when forced)."""
+    from scipy.spatial.transform import Rotation
+
+    import deface.atlas as atlas_module
+    from deface.atlas import Head, register_pose
+    from deface.preprocessing import Grid, resample
+
+    if always_retry:
+        monkeypatch.setattr(atlas_module, "RETRY_MI", 1.0)
+    atlas = Atlas.load()
+    pitch = np.eye(4)
+    pitch[:3, :3] = Rotation.from_euler("x", 20, degrees=True).as_matrix()
+    grid = Grid(atlas.image.shape, atlas.affine)  # the pitched head, resampled onto an upright grid
+    image = resample(torch.from_numpy(atlas.image)[None], pitch @ atlas.affine, grid)[0].numpy()
+    to_atlas = register_pose(Head(image, atlas.affine), atlas)
+    u, _, vt = np.linalg.svd(to_atlas[:3, :3])
+    # image world -> atlas world must undo the pitch: rotation(to_atlas) @ pitch ~ identity
+    error = np.degrees(Rotation.from_matrix(u @ vt @ pitch[:3, :3]).magnitude())
+    assert error < 5.0
