@@ -29,6 +29,7 @@ ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
 PLAUSIBLE_SCALE = (0.7, 1.45)
 OUTLINE_TOLERANCE = 0.01  # see register_head
+RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # world RAS <-> SimpleITK's LPS (its own inverse)
 RETRY_MI = -0.35  # see register_pose: upright T1 heads reach about -0.45, the misregistered ones -0.2
 RETRY_PITCH_DEG = (-20.0, 20.0)
 
@@ -71,17 +72,21 @@ class Head:
         return _top_of_head(self.image, self.affine)
 
     @cached_property
+    def metric_region(self) -> np.ndarray:
+        """The top, slightly dilated: where intensity metrics are evaluated by default."""
+        return ndi.binary_dilation(self.top, iterations=3)
+
+    @cached_property
     def near_top(self) -> np.ndarray:
         """Head voxels within 130 mm of the top: where outline fits are compared."""
         return _top_of_head(self.image, self.affine, 130.0)
 
 
 @dataclass
-class AtlasBrain:
-    """The atlas brain on the canonical grid and how the registration went."""
+class Registration:
+    """How the atlas registration of one image went."""
 
-    mask: torch.Tensor | None  # (X, Y, Z) bool, None when the registration failed or is implausible
-    to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas
+    to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas; None when failed or implausible
     status: str  # "ok", "implausible" or "failed: <reason>"
     seconds: float
 
@@ -150,8 +155,8 @@ def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2),
 
 
 def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: tuple[int, ...] = (4, 2)
-                   ) -> AtlasBrain:
-    """Register ``atlas`` to a normalised, axis-aligned RAS ``image`` (X, Y, Z); no mask yet.
+                   ) -> Registration:
+    """Register ``atlas`` to a normalised, axis-aligned RAS ``image`` (X, Y, Z).
 
     Never raises: a failed or implausible registration has ``to_atlas=None`` and says why, and
     the caller decides (the wrapper warns and relies on the network alone).
@@ -160,10 +165,10 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     try:
         to_atlas = register_pose(Head(image, affine), atlas, shrink)
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
-        return AtlasBrain(None, None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
+        return Registration(None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
-        return AtlasBrain(None, None, "implausible", time.perf_counter() - t0)
-    return AtlasBrain(None, to_atlas, "ok", time.perf_counter() - t0)
+        return Registration(None, "implausible", time.perf_counter() - t0)
+    return Registration(to_atlas, "ok", time.perf_counter() - t0)
 
 
 def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
@@ -173,11 +178,10 @@ def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
-    mask = ndi.binary_dilation(fixed.top, iterations=3).astype(np.float32)
+    mask = fixed.metric_region.astype(np.float32)
     reg.SetMetricFixedMask(sitk.Cast(_to_sitk(mask, fixed.affine), sitk.sitkUInt8))
     reg.SetInterpolator(sitk.sitkLinear)
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    lps = flip @ to_moving @ flip
+    lps = RAS_LPS @ to_moving @ RAS_LPS
     tx = sitk.AffineTransform(3)
     tx.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
     tx.SetTranslation([float(v) for v in lps[:3, 3]])
@@ -238,18 +242,6 @@ def face_zone_on_grid(to_atlas: np.ndarray, grid: "Grid", margin_mm: float) -> t
 
     points = voxel_world(grid.shape, to_atlas @ grid.affine)
     return torch.from_numpy(face_region_mni(points, margin_mm))
-
-
-def atlas_brain(atlas: Atlas, image: np.ndarray, affine: np.ndarray, threshold: float,
-                shrink: tuple[int, ...] = (4, 2)) -> AtlasBrain:
-    """Register ``atlas`` to a normalised canonical ``image`` (X, Y, Z) and return its brain there."""
-    from deface.preprocessing import Grid
-
-    reg = register_atlas(atlas, image, affine, shrink)
-    if reg.to_atlas is None:
-        return reg
-    reg.mask = brain_on_grid(atlas, reg.to_atlas, Grid(tuple(image.shape), affine), threshold)
-    return reg
 
 
 def _to_sitk(image: np.ndarray, affine: np.ndarray):
@@ -318,7 +310,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         return ras * np.array([-1.0, -1.0, 1.0])  # LPS
 
     cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
-    region = ndi.binary_dilation(fmask, iterations=3) if region is None else region
+    region = fixed.metric_region if region is None else region
     fixed_mask = _to_sitk(region.astype(np.float32), fixed_affine)
     fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
 
@@ -342,7 +334,6 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         reg.Execute(f, m)
         return tx
 
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
     aff = sitk.AffineTransform(3)
     aff.SetCenter([float(v) for v in cf])
     if init is None:
@@ -353,7 +344,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         aff.SetMatrix(sim.GetMatrix())
         aff.SetTranslation(sim.GetTranslation())
     else:
-        start = flip @ init @ flip  # x -> A x + b in LPS; with centre c the translation is b + A c - c
+        start = RAS_LPS @ init @ RAS_LPS  # x -> A x + b in LPS; with centre c the translation is b + A c - c
         a0, b0 = start[:3, :3], start[:3, 3]
         aff.SetMatrix([float(v) for v in a0.ravel()])
         aff.SetTranslation([float(v) for v in b0 + a0 @ cf - cf])
@@ -364,4 +355,4 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
     lps = np.eye(4)
     lps[:3, :3] = a
     lps[:3, 3] = t + c - a @ c
-    return flip @ lps @ flip
+    return RAS_LPS @ lps @ RAS_LPS

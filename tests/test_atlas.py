@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deface import BACKGROUND, FACE
-from deface.atlas import Atlas, atlas_brain, outline_overlap, plausible
+from deface.atlas import Atlas, outline_overlap, plausible, register_atlas
 from deface.cli import EXAMPLE_HEAD
 from deface.network import TINY_ARCHITECTURE, build_network
 from tests.conftest import world_points
@@ -43,8 +43,8 @@ def test_outline_overlap_tells_a_shrunken_atlas_from_a_fitting_one():
 
 def test_failed_registration_is_reported_not_raised():
     atlas = Atlas.load()
-    guard = atlas_brain(atlas, np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), 0.5)
-    assert guard.mask is None and guard.status != "ok"
+    reg = register_atlas(atlas, np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert reg.to_atlas is None and reg.status != "ok"  # no transform, so no atlas brain to protect
 
 
 def greedy_probs(canon) -> torch.Tensor:
