@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from deface.data.labels import largest_component
+from deface.data.labels import fill_slices, largest_component
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
@@ -263,7 +263,7 @@ def head_silhouette(image: np.ndarray) -> np.ndarray:
     mask = ndi.gaussian_filter(image, 1.0) > 0.1
     mask = largest_component(mask) if mask.any() else mask
     for axis in range(3):
-        mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+        mask = fill_slices(mask, axis)
     return mask
 
 

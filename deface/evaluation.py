@@ -224,9 +224,11 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
     filling, so a field of view that cuts the head still leaves the outside open)."""
     from scipy import ndimage as ndi
 
+    from deface.data.labels import fill_slices
+
     head = ndi.binary_fill_holes(tissue)
     for axis in range(3):
-        head |= np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(tissue, axis, 0)], axis)
+        head |= fill_slices(tissue, axis)
     depth = ndi.distance_transform_edt(head, sampling=spacing)
     return head & (depth <= depth_mm)
 

@@ -43,13 +43,13 @@ def head_mask(image: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     hi = np.percentile(smooth, 99.0)
     lo = np.percentile(smooth, 2.0)
     mask = smooth > lo + 0.08 * (hi - lo)
-    from deface.data.labels import largest_component
+    from deface.data.labels import fill_slices, largest_component
 
     mask = largest_component(mask)
     mask = ndi.binary_closing(mask, iterations=2)
     # Fill holes slice by slice in every direction (sinuses and mouth open to the outside in 3D).
     for axis in range(3):
-        mask = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+        mask = fill_slices(mask, axis)
     return mask
 
 

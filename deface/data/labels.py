@@ -44,6 +44,12 @@ def ball(radius_vox: np.ndarray) -> np.ndarray:
     return sum((g / max(k, 0.5)) ** 2 for g, k in zip(grid, r)) <= 1.0
 
 
+def fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``mask`` with the holes of every 2D slice across ``axis`` filled (a hole open to the outside
+    in 3D, like a sinus or the mouth, is often closed within a slice)."""
+    return np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if n <= 1:
