@@ -26,13 +26,16 @@ EPILOG = """examples:
   deface-infer t1.nii.gz --applyto t2.nii.gz flair.nii.gz   same mask on co-registered images
   deface-infer --example -o out/ --qc               the shipped example head, with a QC picture
   deface-infer bids/ out/ participant --date-shift KEY   a BIDS dataset -> BIDS derivatives
+  deface-infer dicom_folder/ -o out/ --date-shift KEY    each DICOM series -> a defaced,
+                                                    de-identified DICOM series in out/
 exit status: 0 all done, 1 some files failed (the rest were done), 2 usage error"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deface-infer", description=__doc__.splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs")
+    p.add_argument("inputs", nargs="*", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs; "
+                   "folders of DICOM files (one or more series, searched recursively)")
     p.add_argument("--example", action="store_true", help="deface the example head shipped with the package")
     p.add_argument("-o", "--outdir", type=Path, help="output folder (default: beside each input)")
     p.add_argument("--outfile", type=Path, help="output file, for a single input")
@@ -68,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BIDS: compute the mask on each session's T1w and apply it to the session's other "
                         "anatomical images (resampled; they must be co-registered)")
     p.add_argument("--date-shift", metavar="KEY", default=None,
-                   help="BIDS: shift sidecar and scans.tsv dates by one offset per subject derived from KEY "
-                        "(default: remove dates)")
+                   help="BIDS and DICOM: shift dates by one offset per subject derived from KEY (default: remove "
+                        "dates); DICOM: KEY also makes the new UIDs and patient pseudonyms the same every run")
+    p.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="DICOM input: write a defaced, de-identified DICOM series (default on; --no-dicom-out off)")
+    p.add_argument("--nifti-out", action="store_true",
+                   help="DICOM input: also write <series>_defaced.nii.gz with a JSON sidecar")
     p.add_argument("--version", action="version", version=f"deface {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="per-stage timings")
@@ -178,8 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         args.bids = bids_app_form(args.inputs)
         if args.batch_size < 1 or args.workers < 0:
             raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+        dicom_folders = [] if args.bids else [Path(i) for i in args.inputs if dicom_folder(Path(i))]
+        args.inputs = [i for i in args.inputs if Path(i) not in dicom_folders]
+        if args.dicom_out and not dicom_folders:
+            raise UsageError("--dicom-out needs a DICOM input folder (a NIfTI file has no DICOM header to write)")
+        if dicom_folders and (args.outfile or args.applyto):
+            raise UsageError("--outfile and --applyto are for NIfTI inputs, not DICOM folders")
+        if dicom_folders and args.dicom_out is False and not args.nifti_out:
+            raise UsageError("--no-dicom-out without --nifti-out leaves nothing to write")
+        dicom_jobs = plan_dicom(dicom_folders, args)
         if args.bids:
             pairs, missing = plan_bids(args), []
+        elif not args.inputs:
+            pairs, missing = [], []
         else:
             inputs, missing = expand_inputs(args.inputs)
             if not inputs:
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     remove_stale_temporaries(pairs)
-    todo, results = [], []
+    todo, results = [], list(dicom_jobs.skipped)
     for item in missing:
         log.error("%s: no such file, or no NIfTI/MGH files in it; check the path", item)
         results.append((Path(item), "failed", "no such file, or no NIfTI/MGH files in it"))
@@ -218,14 +236,100 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         return 1
-    log.info("deface %s on %s, %d file(s)", __version__, defacer.device, len(todo))
+    log.info("deface %s on %s, %d file(s), %d DICOM series", __version__, defacer.device, len(todo), len(dicom_jobs.jobs))
     args.report_rows = []
     results += run_batches(defacer, todo, args)
+    results += run_dicom(defacer, dicom_jobs, args)
     if args.bids:
         finish_bids(results, pairs, args, defacer)
     if args.qc:
         write_report(results, args)
     return summarize(results)
+
+
+def dicom_folder(path: Path) -> bool:
+    """A folder given as input that holds DICOM files and no NIfTI/MGH image."""
+    from deface import dicom
+    from deface.io import is_image_file
+
+    if not path.is_dir() or any(is_image_file(p) for p in path.iterdir() if p.is_file()):
+        return False
+    return dicom.holds_dicom(path)
+
+
+class DicomPlan:
+    """The series to deface (``jobs``) and result rows for the files left out (``skipped``)."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+        self.skipped: list[tuple[Path, str, str]] = []
+
+
+def plan_dicom(folders: list[Path], args: argparse.Namespace) -> DicomPlan:
+    """Series of every DICOM folder and their outputs (``<folder><suffix>/`` beside it, or in -o),
+    checked before any work: outputs never inside an input folder, existing ones need --force."""
+    from deface import dicom
+
+    plan = DicomPlan()
+    roots: dict[Path, Path] = {}
+    for folder in folders:
+        root = (args.outdir / folder.resolve().name) if args.outdir is not None and len(folders) > 1 else \
+            (args.outdir if args.outdir is not None else folder.parent / f"{folder.resolve().name}{args.suffix}")
+        r, f = root.resolve(), folder.resolve()
+        if r == f or f in r.parents or r in f.parents:
+            raise UsageError(f"{root}: the output folder must not be, hold or lie inside the DICOM input {folder}")
+        if r in roots:
+            raise UsageError(f"{folder} and {roots[r]} would both write into {root}; use separate -o runs")
+        roots[r] = folder
+        jobs, skipped = dicom.plan_folder(folder, root, args.dicom_out is not False, args.nifti_out, args.suffix)
+        if not jobs and not skipped:
+            raise UsageError(f"{folder}: no DICOM image series found")
+        for path, reason in skipped:
+            log.error("%s: %s", path, reason)
+            plan.skipped.append((path, "failed", reason))
+        for job in jobs:
+            existing = [p for p in (job.dicom_dir, job.nifti) if p is not None and p.exists()]
+            if existing and args.skip_existing:
+                plan.skipped.append((Path(job.name), "skipped", ""))
+            elif existing and not args.force:
+                log.error("%s: %s exists; use --force to overwrite or --skip-existing", job.name, existing[0])
+                plan.skipped.append((Path(job.name), "failed", "output exists"))
+            else:
+                plan.jobs.append(job)
+    return plan
+
+
+def run_dicom(defacer, plan: DicomPlan, args: argparse.Namespace) -> list[tuple[Path, str, str]]:
+    """Deface every planned DICOM series; one result row per series."""
+    if not plan.jobs:
+        return []
+    from deface import io
+    from deface.deid import Deidentifier
+    from deface.dicom import deface_job
+
+    deidentify = Deidentifier(args.date_shift)
+    meta = defacer.metadata
+    provenance = {"Tool": "deface", "Version": __version__,
+                  "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
+                  "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "DatesShifted": args.date_shift is not None}
+    results = []
+    for job in plan.jobs:
+        t0 = time.perf_counter()
+        try:
+            for out in (job.dicom_dir, job.nifti):
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+            s = deface_job(defacer, job, deidentify, args.force, args.save_mask, provenance)
+        except Exception as exc:
+            log.error("%s: %s", job.name, io.one_line(exc))
+            results.append((Path(job.name), "failed", io.one_line(exc)))
+            continue
+        msg = (f"{len(job.series.files)} files, face {'found' if s['face_found'] else 'NOT found'}, "
+               f"removed {s['removed_ml']:.1f} mL, brain voxels changed {s['brain_voxels_changed']}")
+        log.info("%s -> %s: %s (%.2f s)", job.name, job.dicom_dir or job.nifti, msg, time.perf_counter() - t0)
+        status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
+        results.append((Path(job.name), status, msg))
+    return results
 
 
 def bids_app_form(items: list[str]) -> bool:
