@@ -90,6 +90,7 @@ class UsageError(Exception):
 def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     """(files, items that matched nothing): files, folders (their NIfTI/MGH files, not recursive)
     and globs, in order, without repeats."""
+    from deface.dicom import looks_like_dicom
     from deface.io import is_image_file
 
     out: list[Path] = []
@@ -102,6 +103,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             found = sorted(Path(p) for p in glob.glob(item) if is_image_file(Path(p)))
         else:
             found = [path] if path.exists() or path.is_symlink() else []
+            if found and path.is_file() and not is_image_file(path) and looks_like_dicom(path):
+                raise UsageError(f"{item} is a DICOM file: give the folder that holds its series")
         if not found:
             missing.append(item)
         out.extend(p for p in found if p not in out)

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 local_base=0
 [ "${1:-}" = "--local" ] && local_base=1
-args=(--isolation=chroot --network host --layers)
+args=(--isolation=chroot --network host --layers --format docker)  # docker format: SHELL is honoured
 cert=$(python3 -m pip config list 2>/dev/null | sed -n "s/^global.cert='\(.*\)'$/\1/p" | head -n 1)
 if [ -n "$cert" ] && [ -f "$cert" ]; then
   args+=(-v "$cert:$cert:ro" --build-arg "PIP_CERT=$cert")

@@ -223,6 +223,7 @@ def test_dicom_usage_errors_come_before_any_work(tmp_path, tiny_weights, oracle)
     assert cli.main([str(nifti), "--dicom-out", *w]) == 2
     assert cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "in" / "sub"), *w]) == 2
     assert cli.main([str(tmp_path / "in"), "--no-dicom-out", *w]) == 2
+    assert cli.main([str(next((tmp_path / "in").glob("*.dcm"))), *w]) == 2  # a file of a series: give the folder
     assert cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *w]) == 0
     stamp = (tmp_path / "out" / "series003" / "IM0001.dcm").stat().st_mtime_ns
     assert cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *w]) == 1  # exists, no --force
@@ -239,6 +240,29 @@ def test_series_that_cannot_be_one_volume_are_refused(tmp_path):
     one.mkdir()
     shutil.copy(paths[0], one / "a.dcm")
     assert "single slice" in dicom.find_series(one)[1][0][1]
+    echo = pydicom.dcmread(paths[6])  # a second image at the same position: another echo
+    echo.SOPInstanceUID = generate_uid()
+    echo.save_as(tmp_path / "in" / "echo2.dcm")
+    paths[5].unlink(missing_ok=True)
+    assert "several images at one position" in dicom.find_series(tmp_path / "in")[1][0][1]
+
+
+def test_compressed_input_is_written_uncompressed_with_the_same_values(tmp_path, tiny_weights, oracle):
+    from pydicom.uid import RLELossless
+
+    img = make_phantom(**SMALL)
+    for path in phantom_series(tmp_path / "in", img):
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+    assert cli.main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--save-mask", "-q",
+                     "--weights", str(tiny_weights)]) == 0
+    series, _ = dicom.find_series(tmp_path / "out" / "series003")
+    out = np.asarray(dicom.load_series(series[0]).dataobj)
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "series003_defacemask.nii.gz")).dataobj) > 0
+    original = np.asarray(img.dataobj)
+    assert mask.sum() > 100 and np.array_equal(out[~mask], original[~mask]) and (out[mask] == 0).all()
+    assert str(pydicom.dcmread(series[0].frames[0].path).file_meta.TransferSyntaxUID) == ExplicitVRLittleEndian
 
 
 def test_deidentifier_cleans_nested_sequences():
