@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 from deface import __version__
 
 log = logging.getLogger("deface")
+# matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
+# (two at once crashed the interpreter with a segmentation fault in the container's test run).
+QC_LOCK = threading.Lock()
 EXAMPLE_HEAD = Path(__file__).resolve().parent / "examples" / "colin27_t1_2mm.nii.gz"
 
 EPILOG = """examples:
@@ -476,7 +480,8 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             apply_mask_to(result, other, args, io, out)
         s = result.stats
         if args.qc:
-            _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
+            with QC_LOCK:
+                _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
         if s.get("atlas_registration", "off") not in ("ok", "off"):
