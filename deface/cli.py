@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import os
-import re
 import sys
 import threading
 import time
@@ -144,29 +142,6 @@ def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Pat
     return pairs
 
 
-def remove_stale_temporaries(pairs: list[tuple[Path, Path]]) -> None:
-    """Delete temporary files a killed run left in our output folders (``.<name>.<pid>.tmp<ext>``).
-
-    Only files of processes that no longer run are removed, so two runs can share a folder.
-    """
-    for folder in {dst.parent for _, dst in pairs}:
-        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
-            match = re.fullmatch(r"\..+\.(\d+)\.tmp(\.nii\.gz|\.nii|\.mgz)?", tmp.name)
-            if match and not _running(int(match.group(1))):
-                tmp.unlink(missing_ok=True)
-                log.info("removed %s left by an interrupted run", tmp)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def progress(total: int, enabled: bool):
     try:
         from tqdm import tqdm
@@ -219,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deface-infer: error: {exc}", file=sys.stderr)
         return 2
 
-    remove_stale_temporaries(pairs)
+    from deface.io import remove_stale_temporaries
+
+    folders = {dst.parent for _, dst in pairs} | {out.parent for job in dicom_jobs.jobs
+                                                   for out in (job.dicom_dir, job.nifti) if out is not None}
+    for tmp in remove_stale_temporaries(folders):
+        log.info("removed %s left by an interrupted run", tmp)
     todo, results = [], list(dicom_jobs.skipped)
     for item in missing:
         log.error("%s: no such file, or no NIfTI/MGH files in it; check the path", item)

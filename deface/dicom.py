@@ -282,11 +282,13 @@ def write_series(series: Series, real: np.ndarray, mask: np.ndarray, out_dir: Pa
 
     import pydicom
 
+    from deface.io import temporary_path
+
     if mask.shape != series.shape or real.shape[:3] != series.shape:
         raise ValueError(f"mask {mask.shape} / values {real.shape} do not match the series grid {series.shape}")
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists; use --force to overwrite")
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     by_file: dict[Path, list[tuple[int, Frame]]] = {}

@@ -8,7 +8,12 @@ descrip, extensions, vox_offset) is written back byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,10 @@ import numpy as np
 from nibabel.volumeutils import array_to_file
 
 SUFFIXES = (".nii.gz", ".nii", ".mgz")
+# A temporary output of another host or PID namespace is only taken for stale after this long:
+# its pid means nothing here (a cluster job on another node may still be writing it).
+STALE_AFTER_S = 24 * 3600
+TEMP_NAME = re.compile(r"\..+\.(?:(?P<tag>[0-9a-f]{8})-)?(?P<pid>\d+)\.tmp(\.nii\.gz|\.nii|\.mgz)?")
 
 
 class InputError(ValueError):
@@ -43,6 +52,52 @@ def split_suffix(path: Path) -> tuple[str, str]:
 
 def is_image_file(path: Path) -> bool:
     return split_suffix(path)[1].lower() in SUFFIXES
+
+
+def writer_tag() -> str:
+    """8 hex digits naming this host and PID namespace: where a writer's pid can be checked."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.<name>.<tag>-<pid>.tmp<ext>``."""
+    _, suffix = split_suffix(path)
+    return path.with_name(f".{path.name}.{writer_tag()}-{os.getpid()}.tmp{suffix}")
+
+
+def remove_stale_temporaries(folders) -> list[Path]:
+    """Delete temporaries that killed writers left in ``folders`` and return them. Only provably
+    stale ones go: this host and PID namespace with a pid that no longer runs, or any older than
+    STALE_AFTER_S (other nodes', and the untagged names of older versions)."""
+    removed, tag, now = [], writer_tag(), time.time()
+    for folder in {Path(f) for f in folders}:
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            match = TEMP_NAME.fullmatch(tmp.name)
+            if not match:
+                continue
+            try:
+                old = now - tmp.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+            dead = match["tag"] == tag and not _running(int(match["pid"]))
+            if old or dead:
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -205,7 +260,7 @@ def save(volume: Volume, raw: np.ndarray, path: str | Path) -> None:
     """
     path = Path(path)
     _, suffix = split_suffix(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    tmp = temporary_path(path)
     try:
         img = volume.img
         if isinstance(img, nib.Nifti1Image | nib.Nifti2Image) and suffix in (".nii", ".nii.gz"):
@@ -236,7 +291,7 @@ def save_mask(volume: Volume, mask: np.ndarray, path: str | Path) -> None:
         if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             out.set_sform(img.get_sform(), int(img.header["sform_code"]))
             out.set_qform(img.get_qform(), int(img.header["qform_code"]))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    tmp = temporary_path(path)
     try:
         nib.save(out, str(tmp))
         os.replace(tmp, path)

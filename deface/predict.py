@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in missing:
         log.error("%s: no such file, or no NIfTI/MGH files in it", item)
     args.outdir.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_temporaries([args.outdir])  # only this node's dead writers' (or day-old) files
     pairs = [(src, output_path(src, args, args.suffix)) for src in inputs]
     if args.skip_existing:
         pairs = [(s, d) for s, d in pairs if not d.exists()]
