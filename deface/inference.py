@@ -164,13 +164,16 @@ class Defacer:
         changed = (raw != volume.raw).reshape(raw.shape[:3] + (-1,)).any(-1)
         brain_changed = int((changed[box] & protected).sum()) if box is not None else 0
         voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        removed = int(changed.sum())  # what "removed" means to a user: voxels whose value changed
         stats = {
-            "face_found": masks.face_found,
+            # a mask that lies on zero-valued air changes nothing: that image has no face to remove
+            "face_found": masks.face_found and removed > 0,
             "brain_only": masks.brain_only,
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
-            "removed_ml": round(float(remove.sum()) * voxel_ml, 2),
-            "removed_voxels": int(remove.sum()),
+            "removed_ml": round(removed * voxel_ml, 2),
+            "removed_voxels": removed,
+            "mask_voxels": int(remove.sum()),
             "brain_voxels_changed": brain_changed,
             "changed_outside_mask": int((changed & ~remove).sum()),
             "atlas_registration": canon.registration,

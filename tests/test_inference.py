@@ -163,3 +163,16 @@ def test_already_defaced_head_is_flagged(defacer):
     assert first.stats["face_found"] and not first.stats["already_defaced"]
     second = deface_with_oracle(defacer, nib.Nifti1Image(first.volume.scaled(first.raw), img.affine))
     assert second.stats["already_defaced"]
+
+
+def test_a_mask_on_zero_valued_air_removes_nothing_and_says_so(defacer):
+    """Two skull-stripped brains were once reported 'face found, removed 51.6 mL' while not one
+    voxel changed: removed counts changed voxels, and such an image has no face."""
+    img = make_phantom()
+    points = world_points(img.shape, img.affine)
+    front = (phantom_truth(points) != BRAIN) & (points[..., 1] > 30)  # all but the brain cut off in front
+    no_face = nib.Nifti1Image(np.where(front, 0, np.asanyarray(img.dataobj)).astype(np.int16), img.affine)
+    result = deface_with_oracle(defacer, no_face)
+    assert result.stats["mask_voxels"] > 0 and np.array_equal(result.raw, result.volume.raw)
+    assert result.stats["removed_voxels"] == 0 and result.stats["removed_ml"] == 0
+    assert not result.stats["face_found"]
