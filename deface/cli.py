@@ -33,9 +33,55 @@ EPILOG = """examples:
 exit status: 0 all done, 1 some files failed (the rest were done), 2 usage error"""
 
 
+USAGE = """deface-infer [options] INPUT [INPUT ...]
+       deface-infer BIDS_DIR OUT_DIR participant [options]"""
+
+SHORT_HELP = f"""usage: {USAGE}
+
+Remove the face from head MRI, leaving every brain voxel untouched.
+INPUT: NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs, or folders
+of DICOM files (each series defaced and de-identified).
+
+common options:
+  -o, --outdir DIR      output folder (default: beside each input)
+  --outfile FILE        output file, for a single input
+  --force               overwrite existing outputs (never an input)
+  --skip-existing       skip inputs whose output exists (resume a batch)
+  --save-mask           also write <name>_defacemask.nii.gz
+  --applyto IMAGE ...   co-registered images to deface with the input's mask
+  --mode MODE           zero (default) | noise | blur | fill
+  --device DEVICE       auto (default) | cpu | cuda
+  --qc                  renders before/after, face-detector check, HTML report
+  --scrub               clear NIfTI free-text fields and extensions
+  --date-shift KEY      BIDS/DICOM: shift dates per subject (default: remove)
+  --nifti-out           DICOM input: also write NIfTI + JSON sidecar
+  --no-dicom-out        DICOM input: no DICOM series out (with --nifti-out)
+  -q, --quiet / -v, --verbose   errors only / per-stage timings
+  --version, --help-all         version / every option
+
+examples:
+  deface-infer sub-01_T1w.nii.gz          -> sub-01_T1w_defaced.nii.gz beside it
+  deface-infer scans/ -o defaced/ --save-mask
+  deface-infer t1.nii.gz --applyto t2.nii.gz -o out/
+  deface-infer bids/ bids/derivatives/deface participant --date-shift KEY
+  deface-infer dicom_folder/ -o out/ --date-shift KEY
+  deface-infer --example -o out/ --qc     the shipped example head
+
+exit status: 0 all done, 1 some files failed (the rest done), 2 usage error"""
+
+
+class _ShortHelp(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(SHORT_HELP)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deface-infer", description=__doc__.splitlines()[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="deface-infer", usage=USAGE, description=__doc__.splitlines()[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=False)
+    p.add_argument("-h", "--help", action=_ShortHelp, nargs=0, help="the common options, on one screen")
+    p.add_argument("--help-all", action="help", help="every option (this text)")
     p.add_argument("inputs", nargs="*", help="NIfTI (.nii, .nii.gz) or MGH (.mgz) files, folders or globs; "
                    "folders of DICOM files (one or more series, searched recursively)")
     p.add_argument("--example", action="store_true", help="deface the example head shipped with the package")

@@ -91,3 +91,19 @@ def test_scrub_flag_clears_descrip(tmp_path, tiny_weights):
     assert nib.load(str(tmp_path / "out" / "a_defaced.nii.gz")).header["descrip"] == b""
     assert run([src, "-o", tmp_path / "kept"], tiny_weights) == 0
     assert nib.load(str(tmp_path / "kept" / "a_defaced.nii.gz")).header["descrip"] == b"Jane Doe"
+
+
+def test_help_fits_a_screen_and_names_only_real_options():
+    out = subprocess.run([sys.executable, "-m", "deface.cli", "--help"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "COLUMNS": "80"})
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) <= 40 and max(map(len, lines)) <= 80
+    assert "BIDS_DIR OUT_DIR participant" in lines[1]
+    parser = cli.build_parser()
+    known = {s for a in parser._actions for s in a.option_strings}
+    import re
+
+    named = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", out.stdout))
+    assert named <= known, named - known
+    full = subprocess.run([sys.executable, "-m", "deface.cli", "--help-all"], capture_output=True, text=True)
+    assert all(option in full.stdout for option in known)
