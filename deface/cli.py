@@ -143,6 +143,7 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
     out: list[Path] = []
     missing: list[str] = []
+    seen: dict[Path, Path] = {}
     for item in items:
         path = Path(item)
         if path.is_dir():
@@ -155,7 +156,12 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
                 raise UsageError(f"{item} is a DICOM file: give the folder that holds its series")
         if not found:
             missing.append(item)
-        out.extend(p for p in found if p not in out)
+        for p in found:
+            key = p.resolve()
+            if key in seen:
+                raise UsageError(f"{p} is given twice (also as {seen[key]}): each input once")
+            seen[key] = p
+            out.append(p)
     return out, missing
 
 
@@ -170,8 +176,12 @@ def output_path(src: Path, args: argparse.Namespace, suffix: str) -> Path:
 
 def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses outputs that equal an input or collide with each other."""
+    from deface.io import is_image_file
+
     if args.outfile and len(inputs) != 1:
         raise UsageError("--outfile needs exactly one input")
+    if args.outfile and not is_image_file(args.outfile):
+        raise UsageError(f"--outfile {args.outfile}: the name must end in .nii.gz, .nii or .mgz")
     pairs = []
     for src in inputs:
         dst = args.outfile if args.outfile else output_path(src, args, args.suffix)
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = plan_outputs(inputs, args)
         if args.outdir is not None:
             args.outdir.mkdir(parents=True, exist_ok=True)
+        check_before_work(pairs, dicom_jobs, args)
     except (UsageError, OSError) as exc:
         parser.print_usage(sys.stderr)
         print(f"deface-infer: error: {exc}", file=sys.stderr)
@@ -278,6 +289,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.qc:
         write_report(results, args)
     return summarize(results)
+
+
+def check_before_work(pairs: list[tuple[Path, Path]], dicom_jobs, args: argparse.Namespace) -> None:
+    """What would fail later, found now: output folders that cannot be written, an existing QC report."""
+    import tempfile
+
+    folders = {dst.parent for _, dst in pairs}
+    folders |= {out.parent for job in dicom_jobs.jobs for out in (job.dicom_dir, job.nifti) if out is not None}
+    for folder in sorted(folders):
+        if not folder.exists():
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".deface-probe-"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{folder}: cannot write output there ({exc.strerror or exc})") from exc
+    first = pairs[0][1].parent if pairs else (dicom_jobs.jobs[0].dicom_dir or dicom_jobs.jobs[0].nifti).parent \
+        if dicom_jobs.jobs else Path.cwd()
+    args.report_path = (args.outdir if args.outdir is not None else first) / "deface_report.html"
+    if args.qc and args.report_path.exists() and not args.force:
+        raise UsageError(f"{args.report_path} exists; use --force to overwrite it")
 
 
 def dicom_folder(path: Path) -> bool:
@@ -439,10 +471,12 @@ def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace)
         row = rows.get(str(src), {"file": str(src)})
         row.update(status=status, details=detail)
         merged.append(row)
-    folder = args.outdir if args.outdir is not None else (Path(args.report_rows[0]["output"]).parent
-                                                           if args.report_rows else Path.cwd())
-    path = folder / "deface_report.html"
-    html_report(merged, path)
+    path = args.report_path
+    try:
+        html_report(merged, path)
+    except OSError as exc:
+        log.error("cannot write the QC report %s: %s", path, exc.strerror or exc)
+        return
     log.info("QC report: %s", path)
 
 

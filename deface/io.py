@@ -147,6 +147,8 @@ class Volume:
 
 def check_volume(img: nib.spatialimages.SpatialImage, shape: tuple[int, ...], max_voxels: int) -> None:
     """Refuse what cannot be a head volume, before reading any voxel."""
+    if len(shape) >= 3 and sorted(shape[:3])[0] == 1 and sorted(shape[:3])[1] >= 2:
+        raise InputError(f"image is a single slice (shape {shape}): a 3D or 4D head volume is needed")
     if len(shape) < 3 or any(s < 2 for s in shape[:3]):
         raise InputError(f"image is {len(shape)}D with shape {shape}: a 3D or 4D head volume is needed")
     if len(shape) > 4 and any(s > 1 for s in shape[4:]):

@@ -107,3 +107,69 @@ def test_help_fits_a_screen_and_names_only_real_options():
     assert named <= known, named - known
     full = subprocess.run([sys.executable, "-m", "deface.cli", "--help-all"], capture_output=True, text=True)
     assert all(option in full.stdout for option in known)
+
+
+def test_errors_come_before_any_work(tmp_path, tiny_weights, monkeypatch, capsys):
+    """Each mistake gets one line and exit 2 before the first file is processed."""
+    import os
+    import tempfile
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    src = folder / "a.nii.gz"
+    nib.save(make_phantom(shape=(30, 36, 34), zooms=(6.5, 6.0, 6.2)), str(src))
+    out = tmp_path / "out"
+    spellings = [[src, src], [src, folder / ".." / "in" / "a.nii.gz"], [folder, src], [folder, str(folder) + "/*.nii.gz"]]
+    for inputs in spellings:  # the same input twice, under any spelling
+        assert run([*inputs, "-o", out], tiny_weights) == 2
+        assert "given twice" in capsys.readouterr().err
+    assert run([src, "--outfile", tmp_path / "a.txt"], tiny_weights) == 2
+    assert ".nii.gz, .nii or .mgz" in capsys.readouterr().err
+    out.mkdir()
+    (out / "deface_report.html").write_text("an earlier report")
+    assert run([src, "-o", out, "--qc"], tiny_weights) == 2
+    assert "deface_report.html exists" in capsys.readouterr().err
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse as the kernel would for a user
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    else:
+        out.chmod(0o500)
+    try:
+        assert run([src, "-o", out], tiny_weights) == 2
+        assert "cannot write output there" in capsys.readouterr().err
+    finally:
+        out.chmod(0o700)
+    assert not (out / "a_defaced.nii.gz").exists()
+
+
+def test_single_slice_is_called_a_single_slice(tmp_path):
+    from deface import io
+
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((120, 120, 1), np.int16), np.eye(4)), str(path))
+    with pytest.raises(io.InputError, match="single slice"):
+        io.load(path)
+
+
+def test_unwritable_report_gives_one_line_and_the_summary(tmp_path, tiny_weights, monkeypatch, capsys, caplog):
+    from deface import qc
+
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    for p in (a, b):
+        nib.save(make_phantom(shape=(30, 36, 34), zooms=(6.5, 6.0, 6.2)), str(p))
+
+    def refuse(rows, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    from deface import facecheck
+
+    monkeypatch.setattr(qc, "html_report", refuse)
+    monkeypatch.setattr(facecheck, "available", lambda: False)  # the detector is not what is tested here
+    code = cli.main([str(a), str(b), "-o", str(tmp_path / "out"), "--qc", "--qc-resolution", "4",
+                     "--weights", str(tiny_weights)])
+    err = capsys.readouterr().err
+    assert code == 0 and any("cannot write the QC report" in r.getMessage() for r in caplog.records)
+    assert "2 done, 0 failed" in err and "Traceback" not in err
