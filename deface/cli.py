@@ -547,6 +547,8 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         if s.get("atlas_registration", "off") not in ("ok", "off"):
             log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                         src, s["atlas_registration"])
+        if s.get("noise_from_zero_air"):
+            log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", src)
         if s.get("already_defaced"):
             log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", src)
         if s.get("brain_only"):

@@ -176,3 +176,24 @@ def test_a_mask_on_zero_valued_air_removes_nothing_and_says_so(defacer):
     assert result.stats["mask_voxels"] > 0 and np.array_equal(result.raw, result.volume.raw)
     assert result.stats["removed_voxels"] == 0 and result.stats["removed_ml"] == 0
     assert not result.stats["face_found"]
+
+
+def test_noise_mode_samples_the_images_own_background(tiny_metadata):
+    """--mode noise once wrote plain zeros where the removed region was zero-valued air: it now
+    draws from the image's real background, and says when that background is all zeros."""
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode="noise")
+    img = make_phantom(dtype=np.float32)
+    points = world_points(img.shape, img.affine)
+    data = np.asanyarray(img.dataobj).copy()
+    air = data == 0
+    data[air] = np.random.default_rng(1).uniform(5, 15, int(air.sum()))
+    data[(points[..., 1] > 60) & (phantom_truth(points) != BRAIN)] = 0  # a zero-filled block over the face
+    result = deface_with_oracle(d, nib.Nifti1Image(data, img.affine))
+    filled = result.raw[result.mask]
+    assert result.mask.sum() > 100 and filled.min() >= 5 and filled.max() <= 15 and filled.std() > 1
+    assert not result.stats["noise_from_zero_air"]
+    plain = deface_with_oracle(d, make_phantom(dtype=np.float32))  # air all zeros: zeros, and it says so
+    assert plain.stats["noise_from_zero_air"] and not plain.raw[plain.mask].any()
