@@ -213,8 +213,10 @@ def progress(total: int, enabled: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # deface's own messages at the level asked for; other packages' only when they warn
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
+    log.setLevel(logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO))
     try:
         if args.example:
             args.inputs.append(str(EXAMPLE_HEAD))
@@ -481,8 +483,11 @@ def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace)
 
 
 def _prepare(defacer, src: Path):
+    """((volume, canonical input, wall-clock start, seconds spent), None) or (None, the error)."""
+    started = time.perf_counter()
     try:
-        return defacer.prepare(src), None
+        volume, canon = defacer.prepare(src)
+        return (volume, canon, started, time.perf_counter() - started), None
     except Exception as exc:
         return None, exc
 
@@ -492,9 +497,17 @@ def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace
     from deface import io
 
     results = []
-    bar = progress(len(todo), sys.stderr.isatty() and not args.quiet)
+    from contextlib import nullcontext
+
+    shown = sys.stderr.isatty() and not args.quiet
+    bar = progress(len(todo), shown)
     workers = max(args.workers, 1)
-    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm  # log lines above the bar, never into it
+    except ImportError:
+        logging_redirect_tqdm = None
+    redirect = logging_redirect_tqdm() if shown and logging_redirect_tqdm else nullcontext()
+    with redirect, ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
         batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
         pending = [readers.submit(_prepare, defacer, src) for src, _ in batches[0]] if batches else []
         writes = []
@@ -519,8 +532,9 @@ def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace
                     results.append((src, "failed", f"network: {io.one_line(exc)}"))
                 continue
             net_s = (time.perf_counter() - t0) / len(ok)
-            for ((src, dst), (volume, canon)), pr in zip(ok, probs):
-                writes.append((src, writers.submit(_finish, defacer, volume, canon, pr, src, dst, args, net_s, io)))
+            for ((src, dst), (volume, canon, started, read_s)), pr in zip(ok, probs):
+                writes.append((src, writers.submit(_finish, defacer, volume, canon, pr, src, dst, args,
+                                                   (started, read_s, net_s), io)))
             bar.update(len(batch))
         for src, fut in writes:
             results.append(fut.result())
@@ -528,9 +542,12 @@ def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace
     return results
 
 
-def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: float, io) -> tuple[Path, str, str]:
+def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, clock: tuple[float, float, float],
+            io) -> tuple[Path, str, str]:
+    """Postprocess, write and report one file. ``clock``: (wall-clock start of its read, seconds
+    reading and preprocessing, seconds of network per image); its time is from that start."""
+    started, read_s, net_s = clock
     try:
-        t0 = time.perf_counter()
         result = defacer.apply(volume, canon, probs)
         if args.save_mask:  # the mask first: an existing output then always has its mask (--skip-existing)
             stem, _ = io.split_suffix(dst)
@@ -541,7 +558,7 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
         s = result.stats
         if args.qc:
             with QC_LOCK:
-                _qc(volume, result, src, dst, args, io, time.perf_counter() - t0 + net_s)
+                _qc(volume, result, src, dst, args, io, time.perf_counter() - started)
         msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
                f"brain voxels changed {s['brain_voxels_changed']}")
         if s.get("atlas_registration", "off") not in ("ok", "off"):
@@ -555,7 +572,10 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, net_s: fl
             log.warning("%s: looks brain-only (skull-stripped): nothing removed", src)
         elif not s["face_found"]:
             log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", src)
-        log.info("%s -> %s: %s (%.2f s)", src, dst, msg, net_s + time.perf_counter() - t0)
+        log.info("%s -> %s: %s (%.2f s)", src, dst, msg, time.perf_counter() - started)
+        log.debug("%s: seconds: read+preprocess %.2f (registration %.2f), network %.2f, postprocess %.2f, "
+                  "whole file %.2f (wall clock)", src, read_s, canon.registration_s, net_s, s["postprocess_s"],
+                  time.perf_counter() - started)
         status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
         return src, status, msg
     except Exception as exc:

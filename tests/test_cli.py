@@ -173,3 +173,37 @@ def test_unwritable_report_gives_one_line_and_the_summary(tmp_path, tiny_weights
     err = capsys.readouterr().err
     assert code == 0 and any("cannot write the QC report" in r.getMessage() for r in caplog.records)
     assert "2 done, 0 failed" in err and "Traceback" not in err
+
+
+def test_printed_time_is_wall_clock_from_read_to_written(tmp_path, tiny_weights, monkeypatch, caplog):
+    import logging
+    import re
+    import time
+
+    from deface.inference import Defacer
+
+    src = tmp_path / "a.nii.gz"
+    nib.save(make_phantom(shape=(30, 36, 34), zooms=(6.5, 6.0, 6.2)), str(src))
+    slow_prepare = Defacer.prepare
+
+    def prepare(self, source):  # a slow disk: the read must count
+        time.sleep(1.0)
+        return slow_prepare(self, source)
+
+    monkeypatch.setattr(Defacer, "prepare", prepare)
+    with caplog.at_level(logging.INFO, logger="deface"):
+        assert cli.main([str(src), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights)]) == 0
+    seconds = [float(m.group(1)) for r in caplog.records if (m := re.search(r"\((\d+\.\d+) s\)$", r.getMessage()))]
+    assert seconds and seconds[0] >= 1.0
+
+
+def test_verbose_shows_stage_timings_and_no_third_party_debug(tmp_path, tiny_weights):
+    src = tmp_path / "a.nii.gz"
+    nib.save(make_phantom(shape=(30, 36, 34), zooms=(6.5, 6.0, 6.2)), str(src))
+    out = subprocess.run([sys.executable, "-m", "deface.cli", str(src), "-o", str(tmp_path / "out"), "-v", "--qc",
+                          "--qc-resolution", "4", "--weights", str(tiny_weights), "--device", "cpu"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    debug = [line for line in out.stderr.splitlines() if line.startswith("DEBUG")]
+    assert any("seconds: read+preprocess" in line for line in debug)
+    assert all(str(src) in line for line in debug), debug  # only deface's own debug lines
