@@ -58,3 +58,11 @@ def test_brain_refinement_undoes_a_pitched_start():
     u, _, vt = np.linalg.svd(refined[:3, :3])
     angle = np.degrees(Rotation.from_matrix(u @ vt).magnitude())
     assert angle < 4.0
+
+
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    from deface.data.labeller import main
+
+    assert main([str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "out"), "--data-root", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data-root" in err and not (tmp_path / "out").exists()

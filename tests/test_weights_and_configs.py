@@ -67,3 +67,12 @@ def test_every_config_composes(overrides):
         assert cfg.model.net._target_.startswith("monai.networks.nets.")
         assert cfg.data._target_ and cfg.trainer._target_
         build_network(OmegaConf.to_container(cfg.model.net))
+
+
+def test_train_help_says_what_it_does_and_that_the_cache_comes_first():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "deface.train", "--help"], capture_output=True, text=True)
+    first = out.stdout.splitlines()[:2]
+    assert out.returncode == 0 and first[0].startswith("deface-train: train") and "cache" in first[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
     root = args.data_root or shared_data_root()
+    try:
+        prior = mni_brain_prior(root) if args.template == "mni152" else None  # the atlas brings its own
+    except FileNotFoundError as exc:
+        print(f"deface-label: error: {exc}; point --data-root or $DEFACE_DATA at the shared data folder, "
+              "or use --template brainweb", file=sys.stderr)
+        return 2
     args.outdir.mkdir(parents=True, exist_ok=True)
-    prior = mni_brain_prior(root) if args.template == "mni152" else None  # the atlas brings its own
     failed = 0
     for i, path in enumerate(args.images):
         try:
