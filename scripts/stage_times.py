@@ -1,0 +1,46 @@
+"""Seconds of each stage of defacing one file inside one fresh process, imports included.
+
+    python scripts/stage_times.py HEAD.nii.gz [--weights DIR]
+
+Nothing is imported before the clock starts, so "import" is what a cold deface-infer pays for
+torch, MONAI, nibabel and the package. Called by scripts/benchmark.py --versus-niimath.
+"""
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("image", type=Path)
+    p.add_argument("--weights", default=None)
+    args = p.parse_args()
+    from deface import io
+    from deface.inference import Defacer
+
+    t1 = time.perf_counter()
+    d = Defacer(weights=args.weights, device="cpu")
+    t2 = time.perf_counter()
+    volume = io.load(args.image)
+    t3 = time.perf_counter()
+    volume, canon = d.prepare(volume)
+    t4 = time.perf_counter()
+    probs = d.predict([canon])[0]
+    t5 = time.perf_counter()
+    result = d.apply(volume, canon, probs)
+    t6 = time.perf_counter()
+    io.save(volume, result.raw, args.image.with_name("stage_times_out.nii.gz"))
+    t7 = time.perf_counter()
+    print(f"stages in one fresh process: import {t1 - T0:.2f} s, model load {t2 - t1:.2f} s, load {t3 - t2:.2f} s, "
+          f"preprocess {t4 - t3 - canon.registration_s:.2f} s, registration {canon.registration_s:.2f} s, "
+          f"network {t5 - t4:.2f} s, postprocess {t6 - t5:.2f} s, save {t7 - t6:.2f} s, total {t7 - T0:.2f} s; "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
