@@ -107,7 +107,7 @@ def run(pairs: list[tuple[Path, Path]], outdir: Path, weights: str | None, accel
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deface.cli import expand_inputs, output_path
+    from deface.cli import UsageError, expand_inputs, output_path
 
     p = argparse.ArgumentParser(prog="python -m deface.predict", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+")
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-existing", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    inputs, missing = expand_inputs(args.inputs)
+    try:
+        inputs, missing = expand_inputs(args.inputs)
+    except UsageError as exc:
+        p.error(str(exc))  # one line and exit 2, as deface-infer
     for item in missing:
         log.error("%s: no such file, or no NIfTI/MGH files in it", item)
     args.outdir.mkdir(parents=True, exist_ok=True)
