@@ -307,9 +307,15 @@ def check_before_work(pairs: list[tuple[Path, Path]], dicom_jobs, args: argparse
                 pass
         except OSError as exc:
             raise UsageError(f"{folder}: cannot write output there ({exc.strerror or exc})") from exc
-    first = pairs[0][1].parent if pairs else (dicom_jobs.jobs[0].dicom_dir or dicom_jobs.jobs[0].nifti).parent \
-        if dicom_jobs.jobs else Path.cwd()
-    args.report_path = (args.outdir if args.outdir is not None else first) / "deface_report.html"
+    if args.outdir is not None:
+        folder = args.outdir
+    elif pairs:
+        folder = pairs[0][1].parent
+    elif dicom_jobs.jobs:
+        folder = (dicom_jobs.jobs[0].dicom_dir or dicom_jobs.jobs[0].nifti).parent
+    else:
+        folder = Path.cwd()
+    args.report_path = folder / "deface_report.html"
     if args.qc and args.report_path.exists() and not args.force:
         raise UsageError(f"{args.report_path} exists; use --force to overwrite it")
 
@@ -340,8 +346,10 @@ def plan_dicom(folders: list[Path], args: argparse.Namespace) -> DicomPlan:
     plan = DicomPlan()
     roots: dict[Path, Path] = {}
     for folder in folders:
-        root = (args.outdir / folder.resolve().name) if args.outdir is not None and len(folders) > 1 else \
-            (args.outdir if args.outdir is not None else folder.parent / f"{folder.resolve().name}{args.suffix}")
+        if args.outdir is None:
+            root = folder.parent / f"{folder.resolve().name}{args.suffix}"
+        else:  # several folders: one subfolder each
+            root = args.outdir / folder.resolve().name if len(folders) > 1 else args.outdir
         r, f = root.resolve(), folder.resolve()
         if r == f or f in r.parents or r in f.parents:
             raise UsageError(f"{root}: the output folder must not be, hold or lie inside the DICOM input {folder}")

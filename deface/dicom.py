@@ -384,8 +384,6 @@ def deface_job(defacer, job: SeriesJob, deidentify, force: bool, save_mask: bool
     """Deface one series and write its outputs; returns the Defacer's stats."""
     import json
 
-    import nibabel as nib
-
     from deface import io
 
     img = load_series(job.series)
@@ -405,6 +403,5 @@ def deface_job(defacer, job: SeriesJob, deidentify, force: bool, save_mask: bool
         meta = sidecar(header, provenance)
         job.nifti.with_name(job.nifti.name.removesuffix(".nii.gz") + ".json").write_text(json.dumps(meta, indent=2))
     if save_mask:
-        out = (job.nifti or job.dicom_dir).parent / f"{job.label}_defacemask.nii.gz"
-        nib.save(nib.Nifti1Image(result.mask.astype(np.uint8), result.volume.affine), str(out))
+        io.save_mask(result.volume, result.mask, (job.nifti or job.dicom_dir).parent / f"{job.label}_defacemask.nii.gz")
     return stats
