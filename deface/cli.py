@@ -383,10 +383,7 @@ def run_dicom(defacer, plan: DicomPlan, args: argparse.Namespace) -> list[tuple[
     from deface.dicom import deface_job
 
     deidentify = Deidentifier(args.date_shift)
-    meta = defacer.metadata
-    provenance = {"Tool": "deface", "Version": __version__,
-                  "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
-                  "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "DatesShifted": args.date_shift is not None}
+    provenance = {**provenance_of(defacer, args), "DatesShifted": args.date_shift is not None}
     results = []
     for job in plan.jobs:
         t0 = time.perf_counter()
@@ -399,10 +396,9 @@ def run_dicom(defacer, plan: DicomPlan, args: argparse.Namespace) -> list[tuple[
             log.error("%s: %s", job.name, io.one_line(exc))
             results.append((Path(job.name), "failed", io.one_line(exc)))
             continue
-        msg = (f"{len(job.series.files)} files, face {'found' if s['face_found'] else 'NOT found'}, "
-               f"removed {s['removed_ml']:.1f} mL, brain voxels changed {s['brain_voxels_changed']}")
+        status, msg = outcome(job.name, s)
+        msg = f"{len(job.series.files)} files, {msg}"
         log.info("%s -> %s: %s (%.2f s)", job.name, job.dicom_dir or job.nifti, msg, time.perf_counter() - t0)
-        status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
         results.append((Path(job.name), status, msg))
     return results
 
@@ -453,10 +449,8 @@ def finish_bids(results, pairs, args: argparse.Namespace, defacer) -> None:
     from deface import bids
 
     bids_dir, out_dir = args.bids_dirs
-    meta = defacer.metadata
-    model = f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip()
-    provenance = {"Tool": "deface", "Version": __version__, "Model": model, "WeightsSHA256": meta.get("sha256"),
-                  "Mode": args.mode, "NiftiHeaderScrubbed": True}
+    provenance = {**provenance_of(defacer, args), "NiftiHeaderScrubbed": True}
+    model = provenance["Model"]
     ok = {str(src) for src, status, _ in results if status != "failed"}
     days: dict[str, int | None] = {}
     for src, dst in pairs:
@@ -567,28 +561,41 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, clock: tu
         if args.qc:
             with QC_LOCK:
                 _qc(volume, result, src, dst, args, io, time.perf_counter() - started)
-        msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
-               f"brain voxels changed {s['brain_voxels_changed']}")
-        if s.get("atlas_registration", "off") not in ("ok", "off"):
-            log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
-                        src, s["atlas_registration"])
-        if s.get("noise_from_zero_air"):
-            log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", src)
-        if s.get("already_defaced"):
-            log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", src)
-        if s.get("brain_only"):
-            log.warning("%s: looks brain-only (skull-stripped): nothing removed", src)
-        elif not s["face_found"]:
-            log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", src)
+        status, msg = outcome(src, s)
         log.info("%s -> %s: %s (%.2f s)", src, dst, msg, time.perf_counter() - started)
         log.debug("%s: seconds: read+preprocess %.2f (registration %.2f), network %.2f, postprocess %.2f, "
                   "whole file %.2f (wall clock)", src, read_s, canon.registration_s, net_s, s["postprocess_s"],
                   time.perf_counter() - started)
-        status = "brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"
         return src, status, msg
     except Exception as exc:
         log.error("%s: %s", src, io.one_line(exc))
         return src, "failed", io.one_line(exc)
+
+
+def outcome(name, s: dict) -> tuple[str, str]:
+    """(status, summary message) of one defaced image from its stats; logs what the user must check."""
+    if s.get("atlas_registration", "off") not in ("ok", "off"):
+        log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
+                    name, s["atlas_registration"])
+    if s.get("noise_from_zero_air"):
+        log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", name)
+    if s.get("already_defaced"):
+        log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", name)
+    if s.get("brain_only"):
+        log.warning("%s: looks brain-only (skull-stripped): nothing removed", name)
+    elif not s["face_found"]:
+        log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", name)
+    msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
+           f"brain voxels changed {s['brain_voxels_changed']}")
+    return ("brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"), msg
+
+
+def provenance_of(defacer, args: argparse.Namespace) -> dict:
+    """What was done, for sidecars: tool, version, model, weights hash and mode."""
+    meta = defacer.metadata
+    return {"Tool": "deface", "Version": __version__,
+            "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
+            "WeightsSHA256": meta.get("sha256"), "Mode": args.mode}
 
 
 def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:

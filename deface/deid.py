@@ -152,19 +152,18 @@ def _vr(tag) -> str:
 
 
 def _shift_action(days: int):
-    """Move a DA/DT value by ``days``; TM (and anything unparsable: removed) otherwise kept."""
-    import datetime as dt
+    """Move the date of a DA/DT value by ``days`` (as the BIDS mode does); TM kept; an unparsable date removed."""
+    from deface.bids import shift_date
 
     def action(dataset, tag) -> None:
         element = dataset.get(tag)
         if element is None or not element.value or element.VR not in ("DA", "DT"):
             return
         text = str(element.value)
-        try:
-            day = dt.datetime.strptime(text[:8], "%Y%m%d") + dt.timedelta(days=days)
-        except ValueError:
+        day = shift_date(text[:8], days)
+        if day is None:
             del dataset[element.tag]
             return
-        element.value = day.strftime("%Y%m%d") + text[8:]
+        element.value = day + text[8:]
 
     return action

@@ -389,7 +389,7 @@ def deface_job(defacer, job: SeriesJob, deidentify, force: bool, save_mask: bool
     img = load_series(job.series)
     result = defacer.deface(img)
     stats = result.stats
-    face_removed = bool(stats["face_found"] and stats["removed_voxels"] > 0) or bool(stats.get("brain_only"))
+    face_removed = bool(stats["face_found"] or stats.get("brain_only"))  # face_found: voxels really changed
     if job.dicom_dir is not None:
         real = result.volume.scaled(result.raw)
         write_series(job.series, real, result.mask, job.dicom_dir,
