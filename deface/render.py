@@ -18,14 +18,19 @@ from deface.preprocessing import Grid, canonical_grid, resample
 VIEWS = {"front": 0.0, "left45": 45.0, "right45": -45.0, "profile": 90.0}
 
 
+def render_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: float = 1.0) -> Grid:
+    """The RAS grid a head of this grid is rendered on (labels resampled to it line up with the picture)."""
+    return canonical_grid(Grid(tuple(shape[:3]), affine), spacing=spacing, multiple=1, max_size=320)
+
+
 def head_surface_volume(data: np.ndarray, affine: np.ndarray, spacing: float = 1.0, threshold: float | None = None
                         ) -> tuple[torch.Tensor, float]:
-    """(head mask as float (X, Y, Z) on a ``spacing`` RAS grid, the threshold used).
+    """(head mask as float (X, Y, Z) on ``render_grid``, the threshold used).
 
     The threshold defaults to 12 % of the 99th percentile of the smoothed image, so any
     contrast works; pass the original's threshold to render a defaced image the same way.
     """
-    grid = canonical_grid(Grid(tuple(data.shape[:3]), affine), spacing=spacing, multiple=1, max_size=320)
+    grid = render_grid(data.shape, affine, spacing)
     x = torch.from_numpy(np.nan_to_num(np.asarray(data, np.float32), nan=0.0, posinf=0.0, neginf=0.0))
     vol = resample(x[None], affine, grid)[0].numpy()
     vol = ndi.gaussian_filter(vol, 1.0)

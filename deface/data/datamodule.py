@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,11 +15,25 @@ from torch.utils.data import DataLoader, Dataset
 from deface.data.cache import load_subject
 from deface.data.synthesis import Subject, SynthConfig, synthesize
 
+log = logging.getLogger("deface.data")
 
-def select(cache_dir: Path, patterns: list[str]) -> list[Path]:
-    """Cache files whose stem matches any of the glob ``patterns``."""
+
+def select(cache_dir: Path, patterns: list[str], exclude: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Cache files whose stem matches any of the glob ``patterns`` and none of ``exclude``, less
+    those whose labels the cache's label check flagged (``index.json``; deface.data.label_check)."""
     files = sorted(Path(cache_dir).glob("*.npz"))
-    return [f for f in files if any(fnmatch.fnmatch(f.stem, p) for p in patterns)]
+    index_path = Path(cache_dir) / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    chosen = []
+    for f in files:
+        if not any(fnmatch.fnmatch(f.stem, p) for p in patterns) or any(fnmatch.fnmatch(f.stem, p) for p in exclude):
+            continue
+        flags = index.get(f.stem, {}).get("flags")
+        if flags:
+            log.warning("%s left out: implausible labels (%s)", f.stem, "; ".join(flags))
+            continue
+        chosen.append(f)
+    return chosen
 
 
 class SynthDataset(Dataset):
@@ -74,7 +90,7 @@ def _one_thread(worker_id: int) -> None:
 class DefaceDataModule(L.LightningDataModule):
     def __init__(self, cache_dir: str, train: list[str], val: list[str], synth: dict | None = None,
                  samples_per_epoch: int = 200, batch_size: int = 2, num_workers: int = 2,
-                 real_fraction: float = 0.4, seed: int = 0) -> None:
+                 real_fraction: float = 0.4, seed: int = 0, exclude: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         synth = dict(synth or {})
@@ -82,11 +98,10 @@ class DefaceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         cache = Path(self.hparams.cache_dir)
-        train_files = select(cache, list(self.hparams.train))
+        # Validation heads never train, even when a training pattern (e.g. real_ixi*) matches them.
+        exclude = list(self.hparams.exclude or []) + list(self.hparams.val)
+        train_files = select(cache, list(self.hparams.train), exclude)
         val_files = select(cache, list(self.hparams.val))
-        overlap = {f.stem for f in train_files} & {f.stem for f in val_files}
-        if overlap:
-            raise ValueError(f"validation subjects also in training: {sorted(overlap)}")
         if not train_files:
             raise FileNotFoundError(f"no training subjects in {cache} matching {list(self.hparams.train)}")
         self.train_set = SynthDataset([load_subject(f) for f in train_files], self.synth_cfg,

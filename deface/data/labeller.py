@@ -28,6 +28,8 @@ from deface.atlas import Head, refine_on_brain, register_head
 log = logging.getLogger("deface.label")
 
 DEFAULT_TEMPLATE = "templates/fsl_MNI152_T1_2mm.nii.gz"
+SHRINK = (4, 2, 1)  # registration pyramid (voxel shrink factors on the 2 mm grid)
+FAST_SHRINK = (4, 2)  # 2.4x faster; label Dice 0.985-0.99 against SHRINK on three heads (2026-12-02)
 
 
 def shared_data_root() -> Path:
@@ -75,8 +77,8 @@ def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarray | None = None,
-               prior: tuple[np.ndarray, np.ndarray] | None = None, template: str = "mni152"
-               ) -> tuple[np.ndarray, np.ndarray]:
+               prior: tuple[np.ndarray, np.ndarray] | None = None, template: str = "mni152",
+               shrink: tuple[int, ...] = SHRINK) -> tuple[np.ndarray, np.ndarray]:
     """Labels (uint8, on the scan's grid) and the scan -> MNI affine for a 3D scan.
 
     ``template``: "mni152" (the FSL MNI152 T1 head under ``root``, independent of the wrapper's
@@ -104,9 +106,9 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     else:
         raise ValueError(f"template must be mni152 or brainweb, not {template!r}")
     fixed_head, moving_head = Head(fixed.image[0].numpy(), fixed.grid.affine), Head(moving_image, moving_affine)
-    to_mni, _ = register_head(fixed_head, moving_head, shrink=(4, 2, 1))
+    to_mni, _ = register_head(fixed_head, moving_head, shrink=shrink)
     prior = prior if prior is not None else mni_brain_prior(root)
-    to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior, shrink=(4, 2, 1))
+    to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior, shrink=shrink)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
     if brain is None:

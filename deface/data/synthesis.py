@@ -81,6 +81,8 @@ class SynthConfig:
     p_crop: float = 0.5
     p_skull_stripped: float = 0.08
     p_defaced: float = 0.05
+    p_real_classes: float = 0.0  # a real head's intensity clusters as tissue classes, random intensity each
+    p_face_cut: float = 0.0  # field of view cut through the face: below at the mouth/nose, or in front at the nose
     presets: dict = field(default_factory=lambda: PRESETS)
 
 
@@ -146,9 +148,52 @@ def random_contrast(cfg: SynthConfig, rng: np.random.Generator) -> tuple[torch.T
     return torch.tensor(means, dtype=torch.float32), torch.tensor(stds, dtype=torch.float32)
 
 
-def augment_real(image: torch.Tensor, cfg: SynthConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Gamma, random monotone curve and contrast inversion of a real [0, 1] image."""
+def random_classes(image: torch.Tensor, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+    """SynthSeg-style contrast for a real head: its intensity clusters (4-8 quantile bins of the
+    head's intensities) become tissue classes, each given a random mean and texture; air stays dark.
+    So a real T1 face comes out T2-, PD-, FLAIR-, CT-like or in no known contrast at all."""
+    head = image > 0.05
+    values = image[head]
+    if values.numel() < 1000:
+        return image
+    k = int(rng.integers(4, 9))
+    sample = values[torch.randint(values.numel(), (min(values.numel(), 200_000),), generator=gen)]
+    edges = torch.quantile(sample, torch.linspace(0, 1, k + 1)[1:-1])
+    classes = torch.bucketize(image, edges)
+    means = torch.tensor(rng.uniform(0.05, 1.0, k), dtype=torch.float32)
+    stds = torch.tensor(rng.uniform(0.0, 0.05, k), dtype=torch.float32)
+    out = means[classes] + stds[classes] * torch.randn(image.shape, generator=gen)
+    return torch.where(head, out.clamp(min=0), image * 0.2)
+
+
+def face_cut(labels: torch.Tensor, grid: Grid, rng: np.random.Generator) -> torch.Tensor | None:
+    """A field of view (bool mask on the patch) that a real scan cuts through the face: from
+    below at a level between the chin and the nose bridge (mouth and nose cuts), or from the
+    front through the nose; along the patch axis nearest the head's superior or anterior
+    direction, as a scanner's field of view is a box in its own axes. None without a face."""
+    face = torch.nonzero(labels == FACE)
+    if len(face) < 100:
+        return None
+    below = rng.uniform() < 0.7
+    direction = grid.affine[2 if below else 1, :3]  # world S (or A) per voxel step along each axis
+    axis = int(np.argmax(np.abs(direction)))
+    sign = 1.0 if direction[axis] > 0 else -1.0
+    pos = face[:, axis].float() * sign
+    level = torch.quantile(pos, float(rng.uniform(0.2, 0.6) if below else rng.uniform(0.8, 0.97)))
+    coord = torch.arange(labels.shape[axis], dtype=torch.float32) * sign
+    keep = coord >= level if below else coord < level
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    return keep.view(shape).expand(labels.shape)
+
+
+def augment_real(image: torch.Tensor, cfg: SynthConfig, rng: np.random.Generator,
+                 gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random tissue classes (``cfg.p_real_classes``), gamma, random monotone curve and contrast
+    inversion of a real [0, 1] image."""
     x = image.clamp(0, 1.5)
+    if gen is not None and rng.uniform() < cfg.p_real_classes:
+        x = random_classes(x, rng, gen)
     x = x.clamp(min=0) ** float(np.exp(rng.uniform(-0.5, 0.5)))
     if rng.uniform() < 0.3:
         knots = np.sort(rng.uniform(0, 1, 4))
@@ -200,7 +245,7 @@ def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> 
         tissue = nearest // N_LABELS
         image = image + stds[tissue][None] * torch.randn(image.shape, generator=gen)
     else:
-        image = augment_real(image[0], cfg, rng)[None]
+        image = augment_real(image[0], cfg, rng, gen)[None]
     sigma = rng.uniform(0.0, 0.8)
     for axis in range(3):
         image = gaussian_blur_axis(image, sigma, axis)
@@ -215,6 +260,10 @@ def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> 
 
     if rng.uniform() < cfg.p_crop:
         inside &= crop_box(cfg.patch, rng)
+    if rng.uniform() < cfg.p_face_cut:
+        cut = face_cut(torch.where(inside, labels, torch.zeros_like(labels)), grid, rng)
+        if cut is not None:
+            inside &= cut
     u = rng.uniform()
     if u < cfg.p_skull_stripped:
         brain = F.max_pool3d((labels == BRAIN).float()[None, None], 3, 1, 1)[0, 0] > 0
