@@ -85,6 +85,8 @@ class Defacer:
     ``weights``: a weights folder, .json or .pt (default: the shipped weights).
     ``network`` + ``metadata``: inject a network (tests, fine-tuned models in memory).
     ``atlas_guard``: also protect the brain of a registered atlas (deface.atlas); default on.
+    ``post``: postprocessing settings (postprocessing.PostprocessConfig) over the weights' own;
+    an unknown key, here or in the weights' metadata, is an error.
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
     beside the network), its brain is protected in ``apply``.
     """
@@ -93,7 +95,7 @@ class Defacer:
                  fill_value: float = 0.0, brain_margin_mm: float | None = None, min_face_ml: float | None = None,
                  mask_from: str = "first", seed: int = 0, network: torch.nn.Module | None = None,
                  metadata: dict[str, Any] | None = None, max_voxels: int = 512**3,
-                 atlas_guard: bool | None = None) -> None:
+                 atlas_guard: bool | None = None, post: dict[str, Any] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.device = resolve_device(device)
@@ -108,6 +110,7 @@ class Defacer:
         pre = self.metadata.get("preprocessing", {})
         self.spacing = float(pre.get("spacing_mm", 2.0))
         self.multiple = int(pre.get("multiple", downsampling_factor(self.metadata.get("architecture", {})) or 16))
+        post_overrides = dict(post or {})
         post = dict(self.metadata.get("postprocessing", {}))
         if brain_margin_mm is not None:
             post["brain_margin_mm"] = brain_margin_mm
@@ -115,7 +118,12 @@ class Defacer:
             post["min_face_ml"] = min_face_ml
         if atlas_guard is not None:
             post["atlas"] = atlas_guard
-        self.post = PostprocessConfig(**{k: v for k, v in post.items() if k in PostprocessConfig.__annotations__})
+        post.update(post_overrides)
+        unknown = sorted(set(post) - set(PostprocessConfig.__annotations__))
+        if unknown:
+            raise ValueError(f"unknown postprocessing setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(PostprocessConfig.__annotations__)}")
+        self.post = PostprocessConfig(**post)
         self.atlas = None
         if self.post.atlas:
             from deface.atlas import Atlas

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
+    p.add_argument("--post", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="postprocessing settings over the weights' (deface.postprocessing.PostprocessConfig)")
     p.add_argument("--attack", action="store_true", help="render-based re-identification columns")
     p.add_argument("--independent", nargs="*", default=[], help="brain extractors for the independent mask")
     p.add_argument("--subjects-file", type=Path, default=None,
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     from deface.evaluation import ACQUISITIONS, acquisition_variant, contrast_variant, orientation_agreement, score_head
     from deface.inference import Defacer
 
-    defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None)
+    import yaml
+
+    post = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.post)}
+    defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None,
+                      post=post)
+    print(f"postprocessing: {defacer.post}", file=sys.stderr)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
     subjects = list(args.subjects)
     if args.subjects_file:
         import fnmatch
-
-        import yaml
 
         stems = sorted(f.stem for f in args.cache.glob("real_*.npz"))
         for pattern in yaml.safe_load(args.subjects_file.read_text())["exclude"]:

@@ -197,3 +197,19 @@ def test_noise_mode_samples_the_images_own_background(tiny_metadata):
     assert not result.stats["noise_from_zero_air"]
     plain = deface_with_oracle(d, make_phantom(dtype=np.float32))  # air all zeros: zeros, and it says so
     assert plain.stats["noise_from_zero_air"] and not plain.raw[plain.mask].any()
+
+
+def test_unknown_postprocessing_key_is_refused(tiny_metadata):
+    """A misspelled setting in the weights' metadata (or passed in) is an error, never dropped."""
+    from deface.inference import Defacer
+    from deface.network import build_network
+
+    meta = {**tiny_metadata, "postprocessing": {**tiny_metadata["postprocessing"], "brain_margn_mm": 2.0}}
+    with pytest.raises(ValueError, match="brain_margn_mm"):
+        Defacer(network=build_network(meta["architecture"]), metadata=meta, device="cpu")
+    with pytest.raises(ValueError, match="atlas_margn"):
+        Defacer(network=build_network(tiny_metadata["architecture"]), metadata=tiny_metadata, device="cpu",
+                post={"atlas_margn": 1.0})
+    ok = Defacer(network=build_network(tiny_metadata["architecture"]), metadata=tiny_metadata, device="cpu",
+                 post={"brain_margin_mm": 7.0})
+    assert ok.post.brain_margin_mm == 7.0
