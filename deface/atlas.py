@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from deface.data.labels import fill_slices, largest_component
+from deface.anatomy import fill_slices, largest_component
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
@@ -236,9 +236,9 @@ def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: f
 
 
 def face_zone_on_grid(to_atlas: np.ndarray, grid: "Grid", margin_mm: float) -> torch.Tensor:  # noqa: F821
-    """Voxels of ``grid`` inside the face region of the label definition (deface.data.labels,
+    """Voxels of ``grid`` inside the face region of the label definition (deface.anatomy,
     MNI mm; the BrainWeb atlas is in MNI space) through a registration, grown by ``margin_mm``."""
-    from deface.data.labels import face_region_mni, voxel_world
+    from deface.anatomy import face_region_mni, voxel_world
 
     points = voxel_world(grid.shape, to_atlas @ grid.affine)
     return torch.from_numpy(face_region_mni(points, margin_mm))

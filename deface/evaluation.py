@@ -231,7 +231,7 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
     filling, so a field of view that cuts the head still leaves the outside open)."""
     from scipy import ndimage as ndi
 
-    from deface.data.labels import fill_slices
+    from deface.anatomy import fill_slices
 
     head = ndi.binary_fill_holes(tissue)
     for axis in range(3):

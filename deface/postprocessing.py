@@ -45,7 +45,7 @@ class PostprocessConfig:
     atlas: bool = True
     atlas_threshold: float = 0.5
     atlas_margin_mm: float = 6.0
-    # ... and nothing is removed outside the label definition's face region (deface.data.labels)
+    # ... and nothing is removed outside the label definition's face region (deface.anatomy)
     # mapped through the same registration and grown by this margin: a face is where faces are.
     atlas_face_margin_mm: float = 10.0
 

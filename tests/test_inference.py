@@ -213,3 +213,14 @@ def test_unknown_postprocessing_key_is_refused(tiny_metadata):
     ok = Defacer(network=build_network(tiny_metadata["architecture"]), metadata=tiny_metadata, device="cpu",
                  post={"brain_margin_mm": 7.0})
     assert ok.post.brain_margin_mm == 7.0
+
+
+def test_inference_never_imports_training_code():
+    """deface.data is training code (labels, synthesis, caches): the inference path stays free of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, deface.cli, deface.inference, deface.atlas, deface.postprocessing, deface.predict; "
+            "print(','.join(m for m in sys.modules if m.startswith('deface.data')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

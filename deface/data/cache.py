@@ -152,10 +152,14 @@ def build_cache(root: Path, out: Path, heads: list[str] | None = None, brainweb:
     _update_index(out, index)
 
 
-def check_cache(out: Path, sheet: Path | None = None, columns: int = 12) -> dict[str, list[str]]:
+def check_cache(out: Path, sheet: Path | None = None, columns: int = 12, sheet_only: str = "real_*"
+                ) -> dict[str, list[str]]:
     """Re-run the label check (deface.data.label_check) on every real head of the cache, store
-    the flags in its index, and optionally draw a contact sheet: one sagittal slice through the
-    face of each head, face red and brain cyan, flagged heads titled in red."""
+    the flags in its index, and optionally draw a contact sheet of the heads matching
+    ``sheet_only`` (a glob: pictures of research-use-only scans must not go into docs/): one
+    sagittal slice through the face of each, face red and brain cyan, flagged heads titled in red."""
+    import fnmatch
+
     from deface.data.label_check import check_labels
 
     index_path = out / "index.json"
@@ -167,7 +171,7 @@ def check_cache(out: Path, sheet: Path | None = None, columns: int = 12) -> dict
         labels, affine = z["labels"], z["affine"]
         flags[f.stem] = check_labels(labels, affine)
         index.setdefault(f.stem, {"kind": "real"})["flags"] = flags[f.stem]
-        if sheet is not None:
+        if sheet is not None and fnmatch.fnmatch(f.stem, sheet_only):
             face = np.argwhere(labels == 1)
             x = int(np.median(face[:, 0])) if len(face) else labels.shape[0] // 2
             tiles.append((f.stem[5:], z["image"][x], labels[x]))
@@ -188,7 +192,7 @@ def check_cache(out: Path, sheet: Path | None = None, columns: int = 12) -> dict
                          color="red" if flags["real_" + name] else "black")
         fig.suptitle("real heads: sagittal slice through the face (red face, cyan brain; red title: flagged)",
                      fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / rows))
         fig.savefig(sheet, dpi=60)
         plt.close(fig)
     return flags
@@ -221,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", nargs="*", default=[], help="with --extra: label files starting with these first")
     p.add_argument("--check", action="store_true", help="re-run the label check on the cache's real heads")
     p.add_argument("--sheet", type=Path, default=None, help="with --check: write a contact sheet PNG here")
+    p.add_argument("--sheet-only", default="real_*", help="heads on the sheet (glob), e.g. 'real_ixi*' for docs/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     root = args.root or shared_data_root()
     if args.check:
-        flags = check_cache(args.out, args.sheet)
+        flags = check_cache(args.out, args.sheet, sheet_only=args.sheet_only)
         bad = {k: v for k, v in flags.items() if v}
         for name, reasons in sorted(bad.items()):
             print(f"{name}: {'; '.join(reasons)}")

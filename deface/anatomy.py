@@ -1,0 +1,51 @@
+"""The face region of the label definition, in MNI space, and the mask helpers that inference
+(the atlas guard) and labelling (deface.data) share. See docs/labels.md.
+
+The region is analytic in MNI (ICBM152) world mm, so it can be evaluated at any voxel of any scan
+once the scan is registered to MNI space, including below a template's field of view (lips, chin).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# Sagittal boundary of the face region: (y, z) knots in MNI mm; the region lies anterior.
+FACE_BOUNDARY_Z = np.array([-200.0, -90.0, -30.0, 20.0])
+FACE_BOUNDARY_Y = np.array([0.0, 0.0, 30.0, 60.0])
+FACE_TOP_Z = 20.0  # brow ridge / lower forehead
+FACE_BOTTOM_Z = -125.0  # below the chin
+
+def face_region_mni(points: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+    """Whether MNI-space points (..., 3) lie in the face region (anterior-inferior wedge),
+    optionally grown by ``margin_mm`` backwards, upwards and downwards."""
+    y, z = points[..., 1], points[..., 2]
+    boundary = np.interp(z, FACE_BOUNDARY_Z, FACE_BOUNDARY_Y)
+    return (y >= boundary - margin_mm) & (z <= FACE_TOP_Z + margin_mm) & (z >= FACE_BOTTOM_Z - margin_mm)
+
+
+def voxel_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """World coordinates (X, Y, Z, 3) of every voxel centre."""
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    return idx @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+
+
+def ball(radius_vox: np.ndarray) -> np.ndarray:
+    """An ellipsoidal structuring element with per-axis radius in voxels."""
+    r = np.maximum(np.round(radius_vox).astype(int), 0)
+    grid = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    return sum((g / max(k, 0.5)) ** 2 for g, k in zip(grid, r)) <= 1.0
+
+
+def fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``mask`` with the holes of every 2D slice across ``axis`` filled (a hole open to the outside
+    in 3D, like a sinus or the mouth, is often closed within a slice)."""
+    return np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
