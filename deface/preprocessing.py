@@ -86,13 +86,14 @@ def sampling_grid(src_affine: np.ndarray, src_shape: tuple[int, ...], dst: Grid,
     m = np.linalg.inv(src_affine) @ dst.affine
     axes = [np.arange(b.start, b.stop, dtype=np.float64) for b in box]
     out = torch.empty((1, *(len(a) for a in axes), 3), dtype=torch.float32)
-    # Normalised src_index = s * (M[:3,:3] @ dst_index + M[:3,3]) - 1: the per-axis terms are
-    # computed in float64 and summed once at full size, straight into the output's channel.
+    # src_index = M[:3,:3] @ dst_index + M[:3,3], normalised: the per-axis terms are summed once at
+    # full size in float64 (exact ties stay ties in any axis order), then written as float32 into
+    # the output's channel (grid_sample wants (x, y, z) = array axes 2, 1, 0).
     for r in range(3):
-        scale = 2.0 / max(src_shape[r] - 1, 1)
-        tx, ty, tz = (torch.from_numpy((m[r, a] * scale * axes[a]).astype(np.float32)) for a in range(3))
-        plane = tx[:, None] + (ty + np.float32(m[r, 3] * scale - 1.0))[None, :]
-        torch.add(plane[:, :, None], tz[None, None, :], out=out[0, ..., 2 - r])  # grid_sample: (x, y, z) = axes 2, 1, 0
+        tx, ty, tz = (torch.from_numpy(m[r, a] * axes[a]) for a in range(3))
+        plane = tx[:, None] + (ty + m[r, 3])[None, :]
+        full = plane[:, :, None] + tz[None, None, :]
+        out[0, ..., 2 - r] = full.mul_(2.0 / max(src_shape[r] - 1, 1)).sub_(1.0)
     return out
 
 
