@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from deface import BRAIN, FACE
+from deface.anatomy import ball
 
 BRAIN_ML = (900.0, 2400.0)
 MIN_FACE_ML = 60.0
@@ -41,7 +42,7 @@ def check_labels(labels: np.ndarray, affine: np.ndarray) -> list[str]:
             flags.append(f"face centroid only {cf[1] - cb[1]:.0f} mm in front of the brain's")
         if cf[2] >= cb[2]:
             flags.append("face centroid not below the brain's")
-        near = ndi.binary_dilation(brain, _ball(MIN_GAP_MM / spacing))
+        near = ndi.binary_dilation(brain, ball(MIN_GAP_MM / spacing))
         touching = int((face & near).sum())
         if touching > MAX_TOUCHING * face.sum():
             flags.append(f"{touching} face voxels within {MIN_GAP_MM:.0f} mm of the brain")
@@ -52,9 +53,3 @@ def check_labels(labels: np.ndarray, affine: np.ndarray) -> list[str]:
             if sizes.max() < 0.98 * sizes.sum():
                 flags.append(f"brain in {n} pieces")
     return flags
-
-
-def _ball(radius_vox: np.ndarray) -> np.ndarray:
-    r = np.maximum(np.ceil(radius_vox).astype(int), 1)
-    grid = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
-    return sum((g / max(k, 0.5)) ** 2 for g, k in zip(grid, radius_vox)) <= 1.0
