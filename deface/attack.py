@@ -51,6 +51,14 @@ class AttackResult:
 def face_surface_kept(original: np.ndarray, defaced: np.ndarray, affine: np.ndarray, labels: np.ndarray,
                       spacing: float = 1.0, kept_mm: float = KEPT_MM) -> tuple[float, float]:
     """(fraction of the frontal face surface within ``kept_mm`` of where it was, the render threshold)."""
+    kept, threshold, _ = _surface_kept(original, defaced, affine, labels, spacing, kept_mm)
+    return kept, threshold
+
+
+def _surface_kept(original: np.ndarray, defaced: np.ndarray, affine: np.ndarray, labels: np.ndarray,
+                  spacing: float, kept_mm: float) -> tuple[float, float, tuple[torch.Tensor, torch.Tensor]]:
+    """``face_surface_kept`` and the two head masks it rendered (original, defaced), so the views
+    are drawn from the same masks instead of computing them again."""
     from deface.preprocessing import resample
     from deface.render import depth_map, head_surface_volume, render_grid
 
@@ -63,20 +71,20 @@ def face_surface_kept(original: np.ndarray, defaced: np.ndarray, affine: np.ndar
     tol = kept_mm / spacing
     on_face = np.isfinite(d_o) & np.isfinite(d_f) & (np.abs(np.nan_to_num(d_f) - np.nan_to_num(d_o)) <= tol)
     if not on_face.any():
-        return float("nan"), threshold
+        return float("nan"), threshold, (mask_o, mask_d)
     kept = on_face & np.isfinite(d_d) & (np.abs(np.nan_to_num(d_d) - np.nan_to_num(d_o)) <= tol)
-    return float(kept.sum() / on_face.sum()), threshold
+    return float(kept.sum() / on_face.sum()), threshold, (mask_o, mask_d)
 
 
 def attack(original: np.ndarray, defaced: np.ndarray, affine: np.ndarray, labels: np.ndarray,
            spacing: float = 1.0) -> AttackResult:
     """Render both heads from every view in ``VIEWS`` and attack the defaced one."""
     from deface.facecheck import detect_faces, embedding
-    from deface.render import render_views
+    from deface.render import depth_map, shade
 
-    kept, threshold = face_surface_kept(original, defaced, affine, labels, spacing)
-    views_o, _ = render_views(original, affine, VIEWS, threshold=threshold, spacing=spacing)
-    views_d, _ = render_views(defaced, affine, VIEWS, threshold=threshold, spacing=spacing)
+    kept, _, (mask_o, mask_d) = _surface_kept(original, defaced, affine, labels, spacing, KEPT_MM)
+    views_o = {name: shade(depth_map(mask_o, yaw)) for name, yaw in VIEWS.items()}
+    views_d = {name: shade(depth_map(mask_d, yaw)) for name, yaw in VIEWS.items()}
     result = AttackResult(kept)
     for view in VIEWS:
         boxes_o, boxes_d = detect_faces(views_o[view]), detect_faces(views_d[view])
