@@ -56,26 +56,35 @@ def to_unit(image: np.ndarray) -> np.ndarray:
     return np.round(x / 1.5 * 255).astype(np.uint8)
 
 
+def store_real(data: np.ndarray, affine: np.ndarray, labels: np.ndarray, to_mni: np.ndarray, name: str,
+               source: str, out: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A labelled real scan into the cache as ``real_<name>.npz`` (1 mm RAS, uint8 image) with
+    its QC picture: (labels and affine on the cache grid, index entry)."""
+    from deface.data.labeller import qc_png
+
+    qc_png(data, labels, affine, out / "qc" / f"{name}_labels.png", name)
+    image, lab, grid_affine = _to_ras_1mm(data, affine, labels)
+    np.savez_compressed(out / f"real_{name}.npz", image=to_unit(image), labels=lab, affine=grid_affine)
+    return lab, grid_affine, {"kind": "real", "source": source, "to_mni": to_mni.tolist()}
+
+
 def label_extra_head(args: tuple[Path, Path, Path]) -> tuple[str, dict]:
     """Label one heads_extra file into the cache (a worker process): (cache name, index entry)."""
     import nibabel as nib
 
     from deface.data.label_check import check_labels
-    from deface.data.labeller import FAST_SHRINK, label_scan, qc_png
+    from deface.data.labeller import FAST_SHRINK, label_scan
 
     path, root, out = args
     name = path.name.split(".")[0]
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj, dtype=np.float32)
     labels, to_mni = label_scan(data, img.affine, root, template="brainweb", shrink=FAST_SHRINK)
-    qc_png(data, labels, img.affine, out / "qc" / f"{name}_labels.png", name)
-    image, lab, affine = _to_ras_1mm(data, img.affine, labels)
-    flags = check_labels(lab, affine)
-    np.savez_compressed(out / f"real_{name}.npz", image=to_unit(image), labels=lab, affine=affine)
+    lab, affine, entry = store_real(data, img.affine, labels, to_mni, name, str(path.relative_to(root)), out)
     counts = np.bincount(lab.ravel(), minlength=3)
-    return f"real_{name}", {"kind": "real", "source": str(path.relative_to(root)), "to_mni": to_mni.tolist(),
-                            "face_ml": round(float(counts[1]) / 1000, 1), "brain_ml": round(float(counts[2]) / 1000, 1),
-                            "flags": flags}
+    entry.update(face_ml=round(float(counts[1]) / 1000, 1), brain_ml=round(float(counts[2]) / 1000, 1),
+                 flags=check_labels(lab, affine))
+    return f"real_{name}", entry
 
 
 def build_extra(root: Path, out: Path, workers: int = 2, only_missing: bool = True,
@@ -116,7 +125,7 @@ def _update_index(out: Path, index: dict) -> None:
 def build_cache(root: Path, out: Path, heads: list[str] | None = None, brainweb: bool = True) -> None:
     import nibabel as nib
 
-    from deface.data.labeller import label_scan, mni_brain_prior, qc_png
+    from deface.data.labeller import label_scan, mni_brain_prior
     from deface.data.labels import brainweb_labels
 
     out.mkdir(parents=True, exist_ok=True)
@@ -144,10 +153,8 @@ def build_cache(root: Path, out: Path, heads: list[str] | None = None, brainweb:
             brain = np.asanyarray(nib.load(str(root / "heads" / f"{REAL_HEADS[name]}.nii.gz")).dataobj) > 0
         labels, to_mni = label_scan(data, img.affine, root, brain=brain, prior=prior,
                                    template=TEMPLATES.get(name, "mni152"))
-        qc_png(data, labels, img.affine, out / "qc" / f"{name}_labels.png", name)
-        image, lab, affine = _to_ras_1mm(data, img.affine, labels)
-        np.savez_compressed(out / f"real_{name}.npz", image=to_unit(image), labels=lab, affine=affine)
-        index[f"real_{name}"] = {"kind": "real", "source": str(path.relative_to(root)), "to_mni": to_mni.tolist()}
+        lab, _, index[f"real_{name}"] = store_real(data, img.affine, labels, to_mni, name,
+                                                   str(path.relative_to(root)), out)
         log.info("%s: %s", name, np.bincount(lab.ravel(), minlength=3).tolist())
     _update_index(out, index)
 
