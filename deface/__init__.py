@@ -12,11 +12,13 @@ __version__ = "0.1.0"
 # Class indices used by labels, the network and the wrapper.
 BACKGROUND, FACE, BRAIN, EARS = 0, 1, 2, 3
 CLASS_NAMES = ("background", "face", "brain")
+# How removed voxels are replaced (deface.inference.Defacer.replace); the first is the default.
+MODES = ("zero", "noise", "blur", "fill", "reface")
 
 if TYPE_CHECKING:  # pragma: no cover
     from deface.inference import Defacer, DefaceResult
 
-__all__ = ["Defacer", "DefaceResult", "__version__", "BACKGROUND", "FACE", "BRAIN", "EARS", "CLASS_NAMES"]
+__all__ = ["Defacer", "DefaceResult", "__version__", "BACKGROUND", "FACE", "BRAIN", "EARS", "CLASS_NAMES", "MODES"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from deface import __version__
+from deface import MODES, __version__
 
 log = logging.getLogger("deface")
 # matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
@@ -49,7 +49,7 @@ common options:
   --skip-existing       skip inputs whose output exists (resume a batch)
   --save-mask           also write <name>_defacemask.nii.gz
   --applyto IMAGE ...   co-registered images to deface with the input's mask
-  --mode MODE           zero (default) | noise | blur | fill
+  --mode MODE           zero (default) | noise | blur | fill | reface (a generic face)
   --device DEVICE       auto (default) | cpu | cuda
   --qc                  renders before/after, face-detector check, HTML report
   --scrub               clear NIfTI free-text fields and extensions
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--outdir", type=Path, help="output folder (default: beside each input)")
     p.add_argument("--outfile", type=Path, help="output file, for a single input")
     p.add_argument("--suffix", default="_defaced", help="added to output names (default: _defaced)")
-    p.add_argument("--mode", choices=["zero", "noise", "blur", "fill"], default="zero",
-                   help="how face voxels are replaced (default: zero)")
+    p.add_argument("--mode", choices=MODES, default=MODES[0],
+                   help="how face voxels are replaced: zero, noise (the image's own background), blur, fill "
+                   "(--fill-value) or reface (a generic face in the scan's contrast; default: zero)")
     p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
     p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
     p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (renders, slices, face-detector "
@@ -556,7 +557,7 @@ def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, clock: tu
             io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
         io.save(io.scrub_header(volume) if args.scrub else volume, result.raw, dst)
         for other, out in getattr(args, "session_targets", {}).get(src, [(o, None) for o in args.applyto]):
-            apply_mask_to(result, other, args, io, out)
+            apply_mask_to(defacer, result, other, args, io, out)
         s = result.stats
         if args.qc:
             with QC_LOCK:
@@ -622,7 +623,7 @@ def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:
     args.report_rows.append(row)
 
 
-def apply_mask_to(result, other: Path, args, io, out: Path | None = None) -> None:
+def apply_mask_to(defacer, result, other: Path, args, io, out: Path | None = None) -> None:
     """Deface a co-registered image with ``result``'s mask, resampled when its grid differs;
     written to ``out`` (default: ``<name><suffix>`` in the output folder or beside it)."""
     import numpy as np
@@ -637,9 +638,7 @@ def apply_mask_to(result, other: Path, args, io, out: Path | None = None) -> Non
     else:
         mask = resample(torch.from_numpy(result.mask.astype(np.float32))[None], src_grid,
                         Grid(tuple(vol.raw.shape[:3]), vol.affine))[0].numpy() >= 0.5
-    from deface.inference import Defacer
-
-    raw = Defacer.replace(_ModeOnly(args), vol, mask)
+    raw = defacer.replace(vol, mask, result.to_atlas)
     if out is None:
         dst = args.outdir / other.name if args.outdir else other
         stem, _ = io.split_suffix(dst)
@@ -647,13 +646,6 @@ def apply_mask_to(result, other: Path, args, io, out: Path | None = None) -> Non
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; use --force")
     io.save(io.scrub_header(vol) if args.scrub else vol, raw, out)
-
-
-class _ModeOnly:
-    """The replacement settings of the CLI, for Defacer.replace on --applyto images."""
-
-    def __init__(self, args) -> None:
-        self.mode, self.fill_value, self.seed = args.mode, args.fill_value, args.seed
 
 
 def summarize(results: list[tuple[Path, str, str]]) -> int:

@@ -18,13 +18,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from deface import io
+from deface import MODES, io
 from deface.network import build_network, downsampling_factor
 from deface.postprocessing import PostprocessConfig, canonical_masks, protect_also, restrict_to, to_native
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
-MODES = ("zero", "noise", "blur", "fill")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,6 +42,7 @@ class DefaceResult:
     raw: np.ndarray  # defaced stored values, native shape and dtype
     mask: np.ndarray  # (X, Y, Z) bool: voxels replaced in every volume
     stats: dict[str, Any] = field(default_factory=dict)
+    to_atlas: np.ndarray | None = None  # world transform image -> atlas, when registered (for --applyto)
 
     @property
     def image(self) -> nib.spatialimages.SpatialImage:
@@ -87,6 +87,8 @@ class Defacer:
     ``atlas_guard``: also protect the brain of a registered atlas (deface.atlas); default on.
     ``post``: postprocessing settings (postprocessing.PostprocessConfig) over the weights' own;
     an unknown key, here or in the weights' metadata, is an error.
+    ``mode``: how removed voxels are replaced (``MODES``); "reface" paints a generic face
+    (deface.reface) placed by the atlas registration, so it registers even without the guard.
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
     beside the network), its brain is protected in ``apply``.
     """
@@ -125,7 +127,7 @@ class Defacer:
                              f"{', '.join(PostprocessConfig.__annotations__)}")
         self.post = PostprocessConfig(**post)
         self.atlas = None
-        if self.post.atlas:
+        if self.post.atlas or mode == "reface":
             from deface.atlas import Atlas
 
             self.atlas = Atlas.load()
@@ -171,8 +173,9 @@ class Defacer:
         """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
         t0 = time.perf_counter()
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0])
-        if self.post.atlas and canon.registration == "off":
-            raise ValueError("the atlas guard needs the input from Defacer.prepare (it registers the atlas)")
+        if self.atlas is not None and canon.registration == "off":
+            raise ValueError("the atlas guard and --mode reface need the input from Defacer.prepare "
+                             "(it registers the atlas)")
         if self.post.atlas and canon.to_atlas is not None and bool(masks.remove.any()):
             from deface.atlas import brain_on_grid, face_zone_on_grid
 
@@ -182,7 +185,7 @@ class Defacer:
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
-        raw = self.replace(volume, remove)
+        raw = self.replace(volume, remove, canon.to_atlas)
         changed = (raw != volume.raw).reshape(raw.shape[:3] + (-1,)).any(-1)
         brain_changed = int((changed[box] & protected).sum()) if box is not None else 0
         voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
@@ -200,29 +203,45 @@ class Defacer:
             "changed_outside_mask": int((changed & ~remove).sum()),
             "noise_from_zero_air": self.mode == "noise" and bool(remove.any())
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
+            "mode": self.mode if self.mode != "reface" or canon.to_atlas is not None else "zero (reface "
+            "needs the atlas registration)",
             "atlas_registration": canon.registration,
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
-        return DefaceResult(volume, raw, remove, stats)
+        return DefaceResult(volume, raw, remove, stats, canon.to_atlas)
 
-    def replace(self, volume: io.Volume, remove: np.ndarray) -> np.ndarray:
-        """Stored values with the ``remove`` voxels replaced in every volume, per ``self.mode``."""
+    def replace(self, volume: io.Volume, remove: np.ndarray, to_atlas: np.ndarray | None = None) -> np.ndarray:
+        """Stored values with the ``remove`` voxels replaced in every volume, per ``self.mode``.
+        ``to_atlas`` (image -> atlas world) places the generic face of --mode reface; without
+        it that mode writes zeros (the stats' "mode" says so)."""
         raw = volume.raw.copy()
         if not remove.any():
             return raw
         flat = raw.reshape(raw.shape[:3] + (-1,))
         rng = np.random.default_rng(self.seed)
+        mode = self.mode if self.mode != "reface" or to_atlas is not None else "zero"
+        if mode == "reface":
+            from deface import reface
+
+            voxel_mm = voxel_sizes(volume.affine)
+            box = reface.box_of(remove, np.ceil(2 * reface.BLEND_MM / np.maximum(voxel_mm, 1e-3)) + 1)
+            weights = reface.class_weights(reface.load_generic_head(), to_atlas, volume.affine, box)
         for t in range(flat.shape[3]):
             vol = flat[..., t]
-            if self.mode == "zero":
+            if mode == "reface":
+                sub = vol[box]
+                sub[remove[box]] = volume.to_raw(reface.reface_values(volume.scaled(sub), remove[box], weights,
+                                                                      voxel_mm))
+                vol[box] = sub
+            elif mode == "zero":
                 vol[remove] = volume.to_raw(np.zeros(1))[0]
-            elif self.mode == "fill":
+            elif mode == "fill":
                 vol[remove] = volume.to_raw(np.full(1, self.fill_value))[0]
-            elif self.mode == "noise":
+            elif mode == "noise":
                 air = background_air(volume.scaled(vol), remove)
                 vol[remove] = volume.to_raw(rng.choice(air, size=int(remove.sum()), replace=True))
-            elif self.mode == "blur":
+            elif mode == "blur":
                 box = tuple(slice(max(s.min() - 8, 0), s.max() + 9) for s in np.nonzero(remove))
                 sigma = 6.0 / np.maximum(voxel_sizes(volume.affine), 1e-3)
                 from scipy.ndimage import gaussian_filter

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--mode", default="zero", help="how removed voxels are replaced (deface.MODES), e.g. reface")
     p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
     p.add_argument("--post", nargs="*", default=[], metavar="KEY=VALUE",
                    help="postprocessing settings over the weights' (deface.postprocessing.PostprocessConfig)")
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     post = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.post)}
     defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None,
-                      post=post)
+                      post=post, mode=args.mode)
     print(f"postprocessing: {defacer.post}", file=sys.stderr)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
     subjects = list(args.subjects)
