@@ -310,6 +310,24 @@ def orientation_agreement(defacer, image: nib.Nifti1Image) -> list[tuple[str, fl
     return rows
 
 
+def intensity_classes(image: np.ndarray, mask: np.ndarray, k: int = 3, iterations: int = 50) -> np.ndarray:
+    """0 outside ``mask``; 1..k for the intensity clusters inside it, darkest first (1D k-means
+    started at evenly spaced percentiles). Contrast-blind tissue classes: CSF, grey and white
+    matter of a brain (a T1 orders them dark to bright, a T2 the other way), or a template head's
+    bone, muscle and fat."""
+    values = image[mask].astype(np.float64)
+    out = np.zeros(image.shape, np.uint8)
+    if values.size < k:
+        return out
+    centres = np.percentile(values, np.linspace(100 / (2 * k), 100 - 100 / (2 * k), k))
+    for _ in range(iterations):
+        nearest = np.argmin(np.abs(values[:, None] - centres[None]), 1)
+        centres = np.array([values[nearest == c].mean() if (nearest == c).any() else centres[c] for c in range(k)])
+    centres = np.sort(centres)
+    out[mask] = np.argmin(np.abs(values[:, None] - centres[None]), 1) + 1
+    return out
+
+
 BRAIN_EXTRACTORS = ("deepbet", "robex")
 
 

@@ -31,21 +31,10 @@ CHIN_SLICES = 15  # 30 mm
 OUT = Path(__file__).resolve().parents[1] / "deface" / "assets" / "reface_head_2mm.npz"
 
 
-def tissue_classes(image: np.ndarray, head: np.ndarray, iterations: int = 50) -> np.ndarray:
-    """0 outside ``head``; 1, 2, 3 for the dark, middle and bright third of a 1D k-means of the head."""
-    values = image[head]
-    centres = np.percentile(values, [15, 50, 85]).astype(np.float64)
-    for _ in range(iterations):
-        nearest = np.argmin(np.abs(values[:, None] - centres[None]), 1)
-        centres = np.array([values[nearest == k].mean() if (nearest == k).any() else centres[k] for k in range(3)])
-    out = np.zeros(image.shape, np.uint8)
-    out[head] = np.argmin(np.abs(image[head][:, None] - centres[None]), 1) + 1
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     from deface.atlas import Atlas, head_silhouette, register_atlas
     from deface.data.labeller import shared_data_root
+    from deface.evaluation import intensity_classes
     from deface.preprocessing import to_canonical
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -65,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"registration of the template to the atlas: {reg.status}")
     scaled = data / max(float(np.percentile(data, 99.5)), 1e-6)
     head = head_silhouette(scaled)
-    tissue = tissue_classes(scaled, head & (scaled > 0.05))
+    tissue = intensity_classes(scaled, head & (scaled > 0.05))
     image = np.round(np.clip(scaled * 230, 0, 255)).astype(np.uint8)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, image=image, tissue=tissue, affine=reg.to_atlas @ affine,
