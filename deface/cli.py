@@ -608,17 +608,24 @@ def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:
     before = volume.reference()
     after = result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0])
     row = {"file": str(src), "output": str(dst), "seconds": round(seconds, 2), **result.stats}
+    mode = result.stats.get("mode", args.mode)
     check = None
     if facecheck.available():
         check, _, _ = facecheck.check_images(before, volume.affine, after, volume.affine, spacing=args.qc_resolution)
         row["face_after"] = check.face_found_after
-        row["check"] = ("PASS: no face detected after defacing" if check.passed else
-                        "FAIL: face detected in " + ", ".join(check.face_found_after))
+        if mode == "reface":
+            check.refaced = True
+            distance = "no front face to compare" if check.distance is None else f"distance {check.distance:.2f}"
+            row["check"] = (f"PASS: the new face is not matched to the input's ({distance})" if check.passed else
+                            f"FAIL: the new face matches the input's ({distance} < {facecheck.MATCH_DISTANCE})")
+        else:
+            row["check"] = ("PASS: no face detected after defacing" if check.passed else
+                            "FAIL: face detected in " + ", ".join(check.face_found_after))
         if not check.passed:
-            log.warning("%s: a face detector still finds a face in views %s of the output", src,
-                        ", ".join(check.face_found_after))
+            log.warning("%s: re-identification check failed: %s", src, row["check"])
     png = dst.with_name(f"{stem}.png")
-    qc_png(before, after, result.mask, volume.affine, png, title=src.name, check=check, spacing=args.qc_resolution)
+    qc_png(before, after, result.mask, volume.affine, png, title=f"{src.name} (mode: {mode})", check=check,
+           spacing=args.qc_resolution)
     row["png"] = str(png)
     args.report_rows.append(row)
 

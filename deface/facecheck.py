@@ -78,6 +78,7 @@ class CheckResult:
     original_views: dict[str, int] = field(default_factory=dict)  # faces found per view
     defaced_views: dict[str, int] = field(default_factory=dict)
     distance: float | None = None  # front-view embedding distance, when both have a face
+    refaced: bool = False  # --mode reface: a (generic) face is expected; passing means it is not the person's
 
     @property
     def face_found_after(self) -> list[str]:
@@ -85,7 +86,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return not self.face_found_after
+        return not self.match if self.refaced else not self.face_found_after
 
     @property
     def match(self) -> bool | None:

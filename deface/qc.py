@@ -123,7 +123,7 @@ def html_report(rows: list[dict[str, Any]], path: Path) -> None:
         check = r.get("check", "did not run (pip install 'deface-mri[qc]')")
         cells.append(
             f"<tr class={'flag' if why else 'ok'}><td><b>{html.escape(str(r.get('file')))}</b><br>"
-            f"status: {html.escape(str(r.get('status')))}<br>"
+            f"status: {html.escape(str(r.get('status')))}<br>mode: {html.escape(str(r.get('mode', '-')))}<br>"
             f"{'<span class=why>' + html.escape('; '.join(why)) + '</span><br>' if why else ''}"
             f"removed: {r.get('removed_ml', '-')} mL<br>brain voxels changed: {r.get('brain_voxels_changed', '-')}<br>"
             f"face found by the model: {r.get('face_found', '-')}<br>runtime: {r.get('seconds', '-')} s<br>"

@@ -82,6 +82,19 @@ def test_applyto_resampled_grid(tmp_path, tiny_weights):
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
 
 
+def test_reface_with_applyto_changes_only_the_mask_in_both(tmp_path, tiny_weights):
+    t1, t2 = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"
+    nib.save(make_phantom(), str(t1))
+    ph = make_phantom()
+    nib.save(nib.Nifti1Image((1000 - np.asanyarray(ph.dataobj)).astype(np.int16), ph.affine, ph.header), str(t2))
+    out = tmp_path / "out"
+    assert run([t1, "--applyto", t2, "-o", out, "--save-mask", "--mode", "reface"], tiny_weights) == 0
+    mask = np.asarray(nib.load(str(out / "t1_defacemask.nii.gz")).dataobj) > 0
+    for src, dst in ((t1, out / "t1_defaced.nii.gz"), (t2, out / "t2_defaced.nii.gz")):
+        a, b = np.asanyarray(nib.load(str(src)).dataobj), np.asanyarray(nib.load(str(dst)).dataobj)
+        assert a.dtype == b.dtype and not ((a != b) & ~mask).any()  # the tiny random network may find no face
+
+
 def test_scrub_flag_clears_descrip(tmp_path, tiny_weights):
     img = make_phantom()
     img.header["descrip"] = b"Jane Doe"

@@ -83,6 +83,17 @@ def test_check_flags_undefaced_and_passes_defaced(defacer):
     assert defaced.passed and defaced.face_found_after == []
 
 
+def test_refaced_check_passes_on_a_new_face_and_fails_on_the_persons():
+    """--mode reface: a face after defacing is expected; the check fails only when it is the
+    input's face by the recogniser's threshold (or, without a front face to compare, passes)."""
+    views = {"front": 1, "left45": 1}
+    new_face = facecheck.CheckResult(views, views, distance=0.71, refaced=True)
+    same_face = facecheck.CheckResult(views, views, distance=0.35, refaced=True)
+    no_front = facecheck.CheckResult(views, {"front": 0, "left45": 1}, distance=None, refaced=True)
+    assert new_face.passed and not same_face.passed and no_front.passed
+    assert not facecheck.CheckResult(views, views, distance=0.71).passed  # any other mode: a face fails
+
+
 def test_qc_batch_writes_pngs_and_one_report(tmp_path, tiny_weights):
     for i in range(2):
         nib.save(make_phantom(angle_deg=5 * i), str(tmp_path / f"sub-{i}_T1w.nii.gz"))
