@@ -16,6 +16,20 @@ FACE_BOUNDARY_Y = np.array([0.0, 0.0, 30.0, 60.0])
 FACE_TOP_Z = 20.0  # brow ridge / lower forehead
 FACE_BOTTOM_Z = -125.0  # below the chin
 
+# The ears (--ears): head lateral of the skull at the level of the ear canal, in MNI mm. The
+# atlas brain reaches |x| = 72 mm; everything removed here is also kept clear of the protected
+# (dilated) brain, so the margin to the temporal lobes is the guard's, whatever the registration.
+EAR_MIN_X = 74.0
+EAR_Y = (-50.0, 5.0)
+EAR_Z = (-50.0, 15.0)
+
+
+def ear_region_mni(points: np.ndarray) -> np.ndarray:
+    """Whether MNI-space points (..., 3) lie in either ear's region (lateral boxes)."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    return (np.abs(x) >= EAR_MIN_X) & (y >= EAR_Y[0]) & (y <= EAR_Y[1]) & (z >= EAR_Z[0]) & (z <= EAR_Z[1])
+
+
 def face_region_mni(points: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
     """Whether MNI-space points (..., 3) lie in the face region (anterior-inferior wedge),
     optionally grown by ``margin_mm`` backwards, upwards and downwards."""

@@ -244,6 +244,13 @@ def face_zone_on_grid(to_atlas: np.ndarray, grid: "Grid", margin_mm: float) -> t
     return torch.from_numpy(face_region_mni(points, margin_mm))
 
 
+def ear_zone_on_grid(to_atlas: np.ndarray, grid: "Grid") -> torch.Tensor:  # noqa: F821
+    """Voxels of ``grid`` inside either ear's region (deface.anatomy) through a registration."""
+    from deface.anatomy import ear_region_mni, voxel_world
+
+    return torch.from_numpy(ear_region_mni(voxel_world(grid.shape, to_atlas @ grid.affine)))
+
+
 def _to_sitk(image: np.ndarray, affine: np.ndarray):
     """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
     import SimpleITK as sitk

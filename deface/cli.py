@@ -50,6 +50,7 @@ common options:
   --save-mask           also write <name>_defacemask.nii.gz
   --applyto IMAGE ...   co-registered images to deface with the input's mask
   --mode MODE           zero (default) | noise | blur | fill | reface (a generic face)
+  --ears                remove the ears too
   --device DEVICE       auto (default) | cpu | cuda
   --qc                  renders before/after, face-detector check, HTML report
   --scrub               clear NIfTI free-text fields and extensions
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--fill-value) or reface (a generic face in the scan's contrast; default: zero)")
     p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
     p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
+    p.add_argument("--ears", action="store_true", help="remove the ears too (off by default)")
     p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (renders, slices, face-detector "
                    "check when installed) and deface_report.html (needs matplotlib)")
     p.add_argument("--qc-resolution", type=float, default=1.0, metavar="MM", help="render pixel size for --qc (default 1)")
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         defacer = Defacer(weights=args.weights, device=args.device, mode=args.mode, fill_value=args.fill_value,
                           brain_margin_mm=args.brain_margin, mask_from=args.mask_from, seed=args.seed,
-                          atlas_guard=False if args.no_atlas_guard else None)
+                          atlas_guard=False if args.no_atlas_guard else None, ears=args.ears)
     except Exception as exc:
         log.error("cannot load the model: %s", exc)
         return 1
@@ -596,7 +598,7 @@ def provenance_of(defacer, args: argparse.Namespace) -> dict:
     meta = defacer.metadata
     return {"Tool": "deface", "Version": __version__,
             "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
-            "WeightsSHA256": meta.get("sha256"), "Mode": args.mode}
+            "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "Ears": bool(args.ears)}
 
 
 def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:

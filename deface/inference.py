@@ -20,7 +20,8 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import PostprocessConfig, canonical_masks, protect_also, restrict_to, to_native
+from deface.postprocessing import (PostprocessConfig, canonical_masks, protect_also, remove_also, restrict_to,
+                                  to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
@@ -89,6 +90,8 @@ class Defacer:
     an unknown key, here or in the weights' metadata, is an error.
     ``mode``: how removed voxels are replaced (``MODES``); "reface" paints a generic face
     (deface.reface) placed by the atlas registration, so it registers even without the guard.
+    ``ears``: remove the ears too (deface.anatomy's ear region through the atlas registration,
+    outside every protected voxel); off by default, as in fsl_deface.
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
     beside the network), its brain is protected in ``apply``.
     """
@@ -97,7 +100,7 @@ class Defacer:
                  fill_value: float = 0.0, brain_margin_mm: float | None = None, min_face_ml: float | None = None,
                  mask_from: str = "first", seed: int = 0, network: torch.nn.Module | None = None,
                  metadata: dict[str, Any] | None = None, max_voxels: int = 512**3,
-                 atlas_guard: bool | None = None, post: dict[str, Any] | None = None) -> None:
+                 atlas_guard: bool | None = None, post: dict[str, Any] | None = None, ears: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.device = resolve_device(device)
@@ -127,7 +130,8 @@ class Defacer:
                              f"{', '.join(PostprocessConfig.__annotations__)}")
         self.post = PostprocessConfig(**post)
         self.atlas = None
-        if self.post.atlas or mode == "reface":
+        self.ears = ears
+        if self.post.atlas or mode == "reface" or ears:
             from deface.atlas import Atlas
 
             self.atlas = Atlas.load()
@@ -182,6 +186,12 @@ class Defacer:
             guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
             masks = restrict_to(masks, face_zone_on_grid(canon.to_atlas, canon.grid, self.post.atlas_face_margin_mm))
+        ears_removed = False
+        if self.ears and canon.to_atlas is not None and not masks.brain_only:
+            from deface.atlas import ear_zone_on_grid
+
+            masks = remove_also(masks, ear_zone_on_grid(canon.to_atlas, canon.grid) & canon.inside)
+            ears_removed = True
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
@@ -205,6 +215,7 @@ class Defacer:
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
             "mode": self.mode if self.mode != "reface" or canon.to_atlas is not None else "zero (reface "
             "needs the atlas registration)",
+            "ears_removed": ears_removed,
             "atlas_registration": canon.registration,
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),

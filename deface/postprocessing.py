@@ -180,6 +180,12 @@ def restrict_to(masks: CanonicalMasks, allowed: torch.Tensor) -> CanonicalMasks:
     return CanonicalMasks(masks.remove & allowed, masks.protect, masks.face_ml, masks.face_found, masks.brain_only)
 
 
+def remove_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:
+    """``masks`` with ``region`` removed as well (e.g. the registered ears), never where protected."""
+    return CanonicalMasks(masks.remove | (region & ~masks.protect), masks.protect, masks.face_ml, masks.face_found,
+                          masks.brain_only)
+
+
 def native_box(mask: torch.Tensor, canonical: Grid, native: Grid, pad: int = 2) -> tuple[slice, slice, slice] | None:
     """The native index box covering the canonical ``mask`` (None when the mask is empty)."""
     idx = torch.nonzero(mask)

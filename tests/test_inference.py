@@ -224,3 +224,28 @@ def test_inference_never_imports_training_code():
             "print(','.join(m for m in sys.modules if m.startswith('deface.data')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_metadata):
+    """--ears through a (given) registration that widens the phantom by 1.2 in x, so its sides
+    reach the ear region (deface.anatomy): only lateral voxels are added, none of the brain."""
+    from deface.anatomy import EAR_MIN_X
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    img = make_phantom()
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    points = world_points(img.shape, img.affine)
+    to_atlas = np.diag([1.2, 1.0, 1.0, 1.0])
+    masks = {}
+    for ears in (False, True):
+        d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", ears=ears)
+        volume, canon = d.prepare(img)
+        canon.to_atlas, canon.registration = to_atlas, "ok"
+        result = d.apply(volume, canon, oracle_probs(d, canon))
+        assert result.stats["ears_removed"] is ears and result.stats["brain_voxels_changed"] == 0
+        assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+        masks[ears] = result.mask
+    added = masks[True] & ~masks[False]
+    assert added.sum() > 50 and not (masks[False] & ~masks[True]).any()
+    assert np.all(np.abs(points[added][:, 0]) * 1.2 >= EAR_MIN_X - 4.0)  # within a native voxel of the region
