@@ -237,7 +237,12 @@ class Defacer:
 
             voxel_mm = voxel_sizes(volume.affine)
             box = reface.box_of(remove, np.ceil(2 * reface.BLEND_MM / np.maximum(voxel_mm, 1e-3)) + 1)
-            weights = reface.class_weights(reface.load_generic_head(), to_atlas, volume.affine, box)
+            head = reface.load_generic_head()
+            ref = volume.reference(self.mask_from)
+            finite = np.isfinite(ref)
+            tissue = finite & (ref > 0.1 * float(np.percentile(ref[finite], 99))) if finite.any() else finite
+            placed = reface.fit_depth(head, to_atlas, volume.affine, box, tissue, remove)
+            weights = reface.class_weights(head, placed, volume.affine, box)
         for t in range(flat.shape[3]):
             vol = flat[..., t]
             if mode == "reface":

@@ -6,8 +6,9 @@ From FSL's MNI152 T1 2 mm head (the ICBM152 6th-generation nonlinear average, MN
 notice: deface/assets/README.md), the only average head here whose face has eyes, nose and lips
 in its field of view (voxface's Conte template is cut flat at the nose, avg152 is a blur, the
 pydeface mean head carries a box around the eyes). Its field of view stops at the lips, so the
-lowest slice is repeated ``CHIN_SLICES`` times downwards, each one voxel further back than the
-one above: a chin whose underside slopes back at 45 degrees, not a cut or a block.
+lowest slice is repeated ``CHIN_SLICES`` times downwards with its front trimmed: the first
+``CHIN_UPRIGHT`` copies as they are (the chin), then each one voxel shorter at the front than
+the one above (the underside of the jaw, sloping back at 45 degrees to the neck), not a cut.
 It is registered once to the atlas the wrapper already registers to every image
 (deface.atlas), so at run time one registration places both. Stored:
 
@@ -27,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 SOURCE = "templates/fsl_MNI152_T1_2mm.nii.gz"
-CHIN_SLICES = 15  # 30 mm
+CHIN_SLICES, CHIN_UPRIGHT = 30, 5  # 60 mm, the first 10 mm upright
 OUT = Path(__file__).resolve().parents[1] / "deface" / "assets" / "reface_head_2mm.npz"
 
 
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     img = nib.as_closest_canonical(nib.load(str((args.root or shared_data_root()) / SOURCE)))
     data = np.asarray(img.dataobj, np.float32)
     bottom = data[:, :, 0]
-    chin = [np.concatenate([bottom[:, k:], np.zeros_like(bottom[:, :k])], 1) for k in range(CHIN_SLICES, 0, -1)]
+    solid = bottom > 0.1 * float(np.percentile(data, 99.5))
+    front = np.where(solid.any(1), solid.shape[1] - 1 - np.argmax(solid[:, ::-1], 1), -1)  # per x: last tissue y
+    y = np.arange(bottom.shape[1])[None]
+    chin = [np.where(y <= front[:, None] - max(k - CHIN_UPRIGHT, 0), bottom, 0.0) for k in range(CHIN_SLICES, 0, -1)]
     data = np.concatenate([np.stack(chin, 2), data], 2)
     affine = img.affine.copy()
     affine[:3, 3] -= affine[:3, 2] * CHIN_SLICES

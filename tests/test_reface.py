@@ -67,6 +67,18 @@ def test_fill_paints_the_scans_levels_inside_the_region(scan):
     assert np.abs(new[confident] - T2_LIKE[hard[confident]]).max() <= 0.01 * np.ptp(T2_LIKE) + 1e-3
 
 
+def test_depth_fit_puts_a_misplaced_generic_face_back_on_the_face(scan):
+    """The scan is the generic head placed by ``to_atlas``; a placement 8 mm too far forward is
+    moved back to within one search step of it."""
+    values, remove, affine, to_atlas = scan
+    box = reface.box_of(remove, np.array([4, 4, 4]))
+    forward = np.eye(4)
+    forward[1, 3] = 8.0  # the template 8 mm anterior in scan world: to_atlas' = to_atlas @ inv(forward)
+    fitted = reface.fit_depth(reface.load_generic_head(), to_atlas @ np.linalg.inv(forward), affine, box,
+                              values > 10, remove)
+    assert np.abs(np.linalg.inv(fitted)[:3, 3] - np.linalg.inv(to_atlas)[:3, 3]).max() <= reface.DEPTH_STEP_MM
+
+
 def test_edge_fades_into_the_outside_values(scan):
     """Outside the region the scan is 50 brighter than the levels the fill paints: without the
     fade the boundary would step by 50; with it, the step across the boundary is much smaller."""
