@@ -20,8 +20,8 @@ FACE_BOTTOM_Z = -125.0  # below the chin
 # atlas brain reaches |x| = 72 mm; everything removed here is also kept clear of the protected
 # (dilated) brain, so the margin to the temporal lobes is the guard's, whatever the registration.
 EAR_MIN_X = 74.0
-EAR_Y = (-50.0, 5.0)
-EAR_Z = (-50.0, 15.0)
+EAR_Y = (-55.0, 10.0)
+EAR_Z = (-60.0, 20.0)
 
 
 def ear_region_mni(points: np.ndarray) -> np.ndarray:

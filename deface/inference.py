@@ -186,6 +186,9 @@ class Defacer:
             guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
             masks = restrict_to(masks, face_zone_on_grid(canon.to_atlas, canon.grid, self.post.atlas_face_margin_mm))
+            if self.post.atlas_complete:
+                tissue = (canon.image[0] > self.post.tissue_threshold) & canon.inside
+                masks = remove_also(masks, face_zone_on_grid(canon.to_atlas, canon.grid, 0.0) & tissue)
         ears_removed = False
         if self.ears and canon.to_atlas is not None and not masks.brain_only:
             from deface.atlas import ear_zone_on_grid

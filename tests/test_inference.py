@@ -237,11 +237,12 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
     truth = phantom_truth(world_points(img.shape, img.affine))
     points = world_points(img.shape, img.affine)
     to_atlas = np.diag([1.2, 1.0, 1.0, 1.0])
+    network = build_network(TINY_ARCHITECTURE)
+    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
+    canon.to_atlas, canon.registration = to_atlas, "ok"
     masks = {}
     for ears in (False, True):
-        d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", ears=ears)
-        volume, canon = d.prepare(img)
-        canon.to_atlas, canon.registration = to_atlas, "ok"
+        d = Defacer(network=network, metadata=tiny_metadata, device="cpu", ears=ears)
         result = d.apply(volume, canon, oracle_probs(d, canon))
         assert result.stats["ears_removed"] is ears and result.stats["brain_voxels_changed"] == 0
         assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
@@ -249,3 +250,35 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
     added = masks[True] & ~masks[False]
     assert added.sum() > 50 and not (masks[False] & ~masks[True]).any()
     assert np.all(np.abs(points[added][:, 0]) * 1.2 >= EAR_MIN_X - 4.0)  # within a native voxel of the region
+
+
+def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_metadata):
+    """A network that finds only the lower face: ``atlas_complete`` removes the rest of the
+    face region's tissue (through a given registration that stretches the phantom 1.25x front
+    to back, so the atlas brain fits inside its brain), still nothing that is protected."""
+    from deface.anatomy import face_region_mni
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    img = make_phantom()
+    points = world_points(img.shape, img.affine)
+    truth = phantom_truth(points)
+    to_atlas = np.diag([1.0, 1.25, 1.0, 1.0])
+    in_atlas = points * np.array([1.0, 1.25, 1.0])
+    network = build_network(TINY_ARCHITECTURE)
+    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
+    canon.to_atlas, canon.registration = to_atlas, "ok"
+    masks = {}
+    for complete in (False, True):
+        d = Defacer(network=network, metadata=tiny_metadata, device="cpu", post={"atlas": True, "atlas_complete": complete})
+        probs = oracle_probs(d, canon)
+        upper = torch.from_numpy(world_points(canon.grid.shape, canon.grid.affine)[..., 2] > -20)
+        probs[0][upper & (probs[FACE] > 0.5)], probs[FACE][upper] = 1.0, 0.0
+        result = d.apply(volume, canon, probs)
+        assert result.stats["brain_voxels_changed"] == 0
+        assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+        masks[complete] = result.mask
+    added = masks[True] & ~masks[False]
+    upper_face = (truth == FACE) & (points[..., 2] > -10) & face_region_mni(in_atlas)
+    assert masks[False][upper_face].mean() < 0.05 < 0.3 < masks[True][upper_face].mean()
+    assert face_region_mni(in_atlas[added], 5.0).all()  # only inside the region (within a voxel)
