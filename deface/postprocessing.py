@@ -51,8 +51,9 @@ class PostprocessConfig:
     # ... and the head tissue inside that face region (no margin) is removed too, wherever nothing
     # protects it: the label definition itself, placed by the registration, completes a face the
     # network found only in part (the network missed 11 % of the labelled face surface on 10
-    # held-out heads; the guards kept 7 %).
-    atlas_complete: bool = False
+    # held-out heads; the guards kept 7 %). On those heads: face surface kept median 0.179 -> 0.133,
+    # 0 brain voxels changed (labels and deepbet), skull-stripped and tilted versions safe too.
+    atlas_complete: bool = True
 
 
 @dataclass
