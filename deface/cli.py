@@ -49,7 +49,7 @@ common options:
   --skip-existing       skip inputs whose output exists (resume a batch)
   --save-mask           also write <name>_defacemask.nii.gz
   --applyto IMAGE ...   co-registered images to deface with the input's mask
-  --mode MODE           zero (default) | noise | blur | fill | reface (a generic face)
+  --mode MODE           zero (default) | noise | blur | fill | reface
   --ears                remove the ears too
   --device DEVICE       auto (default) | cpu | cuda
   --qc                  renders before/after, face-detector check, HTML report

@@ -82,6 +82,7 @@ def test_applyto_resampled_grid(tmp_path, tiny_weights):
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
 
 
+@pytest.mark.slow  # registers the atlas to the phantom (30 s); tests/test_reface.py covers Defacer.replace
 def test_reface_with_applyto_changes_only_the_mask_in_both(tmp_path, tiny_weights):
     t1, t2 = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"
     nib.save(make_phantom(), str(t1))

@@ -113,6 +113,7 @@ def test_finetune_from_exported_weights(tmp_path):
     assert meta["name"] == "deface_unet_finetuned" and state
 
 
+@pytest.mark.slow  # 45 s on 2 cores; test_predict_ddp keeps a two-process run in the default set
 def test_ddp_training_with_two_cpu_processes(tmp_path):
     """trainer=ddp on 2 CPU processes (gloo): one fast-dev-run step through DDP."""
     import os

@@ -91,7 +91,7 @@ def test_4d_mask_applied_to_every_volume(defacer):
         assert changed.any() and not (changed & ~result.mask).any()
 
 
-@pytest.mark.parametrize("mode", ["zero", "noise", "blur", "fill", "reface"])
+@pytest.mark.parametrize("mode", ["zero", "noise", "blur", "fill"])
 def test_modes_change_only_the_mask(tiny_metadata, mode):
     from deface.inference import Defacer
     from deface.network import TINY_ARCHITECTURE, build_network

@@ -120,3 +120,24 @@ def test_replace_writes_only_the_mask_and_falls_back_to_zero_without_registratio
     assert raw.dtype == volume.raw.dtype and not (changed & ~remove).any()
     zero = d.replace(volume, remove, None)
     assert np.all(zero[remove] == 0) and np.array_equal(zero[~remove], volume.raw[~remove])
+
+
+def test_defacer_reface_paints_only_the_mask_and_keeps_the_brain(tiny_metadata):
+    """The whole wrapper with a given registration (the phantom is no head an atlas registers
+    to): changed voxels lie in the mask, the brain is bit-identical, the stats say "reface"."""
+    from deface import BRAIN
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+    from tests.conftest import make_phantom, oracle_probs, phantom_truth, world_points
+
+    img = make_phantom(angle_deg=8.0)
+    network = build_network(TINY_ARCHITECTURE)
+    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
+    canon.to_atlas, canon.registration = np.diag([1.0, 0.9, 1.0, 1.0]), "ok"
+    d = Defacer(network=network, metadata=tiny_metadata, device="cpu", mode="reface")
+    result = d.apply(volume, canon, oracle_probs(d, canon))
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    changed = result.raw != volume.raw
+    assert result.stats["mode"] == "reface" and changed.any() and not (changed & ~result.mask).any()
+    assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+    assert result.raw.dtype == volume.raw.dtype and result.to_atlas is not None
