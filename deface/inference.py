@@ -180,21 +180,20 @@ class Defacer:
         if self.atlas is not None and canon.registration == "off":
             raise ValueError("the atlas guard and --mode reface need the input from Defacer.prepare "
                              "(it registers the atlas)")
-        if self.post.atlas and canon.to_atlas is not None and bool(masks.remove.any()):
+        wants_ears = self.ears and canon.to_atlas is not None and not masks.brain_only
+        if self.post.atlas and canon.to_atlas is not None and (bool(masks.remove.any()) or wants_ears):
             from deface.atlas import brain_on_grid, face_zone_on_grid
 
             guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
             masks = restrict_to(masks, face_zone_on_grid(canon.to_atlas, canon.grid, self.post.atlas_face_margin_mm))
-            if self.post.atlas_complete:
+            if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
                 tissue = (canon.image[0] > self.post.tissue_threshold) & canon.inside
                 masks = remove_also(masks, face_zone_on_grid(canon.to_atlas, canon.grid, 0.0) & tissue)
-        ears_removed = False
-        if self.ears and canon.to_atlas is not None and not masks.brain_only:
+        if wants_ears:  # after the atlas guard, so its brain is protected from the ears' removal too
             from deface.atlas import ear_zone_on_grid
 
             masks = remove_also(masks, ear_zone_on_grid(canon.to_atlas, canon.grid) & canon.inside)
-            ears_removed = True
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
@@ -218,7 +217,7 @@ class Defacer:
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
             "mode": self.mode if self.mode != "reface" or canon.to_atlas is not None else "zero (reface "
             "needs the atlas registration)",
-            "ears_removed": ears_removed,
+            "ears_removed": wants_ears,
             "atlas_registration": canon.registration,
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
