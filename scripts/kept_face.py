@@ -1,0 +1,69 @@
+"""Why labelled face surface survives defacing: per head, the share of the face surface (face
+label within 10 mm of the skin, on the network's canonical grid) that the wrapper removes, and
+of the rest, what kept it, first reason first:
+
+    python scripts/kept_face.py --subjects real_ixi015_t1 real_nichart_demo_s19_flair
+
+- not predicted: the network did not call it face (not even inside a protected zone);
+- network brain: inside the network's brain + brain margin;
+- atlas brain: inside the registered atlas brain + atlas margin;
+- outside region: outside the registered face region + its margin.
+Atlas completion (``atlas_complete``) is left out, so the first column is what it can win back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", type=Path, default=Path("data_cache"))
+    p.add_argument("--subjects", nargs="+", required=True)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from evaluate import cache_head
+
+    from deface import FACE, Defacer
+    from deface.atlas import brain_on_grid, face_zone_on_grid
+    from deface.evaluation import near_skin
+    from deface.postprocessing import canonical_masks, dilate
+    from deface.preprocessing import resample
+
+    d = Defacer()
+    cfg = d.post
+    total = np.zeros(5)
+    print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
+    for name in args.subjects:
+        data, labels, affine = cache_head(args.cache, name)
+        volume, canon = d.prepare(nib.Nifti1Image(data, affine))
+        probs = d.predict([canon])[0]
+        masks = canonical_masks(probs, d.spacing, cfg, canon.inside, canon.image[0])
+        tissue = data > 0.05 * np.percentile(data, 99.5)
+        surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
+        surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
+        atlas = dilate(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
+                       int(np.ceil(cfg.atlas_margin_mm / d.spacing))).numpy()
+        zone = face_zone_on_grid(canon.to_atlas, canon.grid, cfg.atlas_face_margin_mm).numpy()
+        network = masks.protect.numpy()
+        wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
+        removed = masks.remove.numpy() & ~atlas & zone
+        kept = surface & ~removed
+        shares = [surface & removed, kept & ~wanted, kept & wanted & network, kept & wanted & ~network & atlas,
+                  kept & wanted & ~network & ~atlas & ~zone]
+        counts = np.array([float(s.sum()) for s in shares])
+        total += counts
+        print(f"{name} | {int(surface.sum())} | " + " | ".join(f"{c / max(surface.sum(), 1):.3f}" for c in counts),
+              flush=True)
+    print("all | " + str(int(total.sum())) + " | " + " | ".join(f"{c / max(total.sum(), 1):.3f}" for c in total))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
