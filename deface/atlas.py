@@ -235,20 +235,13 @@ def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: f
     return prob >= threshold
 
 
-def face_zone_on_grid(to_atlas: np.ndarray, grid: "Grid", margin_mm: float) -> torch.Tensor:  # noqa: F821
-    """Voxels of ``grid`` inside the face region of the label definition (deface.anatomy,
-    MNI mm; the BrainWeb atlas is in MNI space) through a registration, grown by ``margin_mm``."""
-    from deface.anatomy import face_region_mni, voxel_world
+def atlas_points(to_atlas: np.ndarray, grid: "Grid") -> np.ndarray:  # noqa: F821
+    """Atlas (MNI) world coordinates (X, Y, Z, 3) of every voxel of ``grid`` through a
+    registration, for the regions of deface.anatomy (``face_region_mni``, ``ear_region_mni``;
+    the BrainWeb atlas is in MNI space). Computed once per image, whatever number of regions."""
+    from deface.anatomy import voxel_world
 
-    points = voxel_world(grid.shape, to_atlas @ grid.affine)
-    return torch.from_numpy(face_region_mni(points, margin_mm))
-
-
-def ear_zone_on_grid(to_atlas: np.ndarray, grid: "Grid") -> torch.Tensor:  # noqa: F821
-    """Voxels of ``grid`` inside either ear's region (deface.anatomy) through a registration."""
-    from deface.anatomy import ear_region_mni, voxel_world
-
-    return torch.from_numpy(ear_region_mni(voxel_world(grid.shape, to_atlas @ grid.affine)))
+    return voxel_world(grid.shape, to_atlas @ grid.affine)
 
 
 def _to_sitk(image: np.ndarray, affine: np.ndarray):

@@ -580,7 +580,7 @@ def outcome(name, s: dict) -> tuple[str, str]:
     if s.get("atlas_registration", "off") not in ("ok", "off"):
         log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                     name, s["atlas_registration"])
-    if str(s.get("mode", "")).startswith("zero (reface"):
+    if s.get("reface_fallback"):
         log.warning("%s: --mode reface needs the atlas registration, which did not succeed: zeros were written", name)
     if s.get("noise_from_zero_air"):
         log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", name)

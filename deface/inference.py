@@ -181,19 +181,21 @@ class Defacer:
             raise ValueError("the atlas guard and --mode reface need the input from Defacer.prepare "
                              "(it registers the atlas)")
         wants_ears = self.ears and canon.to_atlas is not None and not masks.brain_only
-        if self.post.atlas and canon.to_atlas is not None and (bool(masks.remove.any()) or wants_ears):
-            from deface.atlas import brain_on_grid, face_zone_on_grid
+        guarded = self.post.atlas and canon.to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
+        if guarded or wants_ears:
+            from deface.anatomy import ear_region_mni, face_region_mni
+            from deface.atlas import atlas_points, brain_on_grid
 
+            mni = atlas_points(canon.to_atlas, canon.grid)
+        if guarded:
             guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
-            masks = restrict_to(masks, face_zone_on_grid(canon.to_atlas, canon.grid, self.post.atlas_face_margin_mm))
+            masks = restrict_to(masks, torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm)))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
                 tissue = (canon.image[0] > self.post.tissue_threshold) & canon.inside
-                masks = remove_also(masks, face_zone_on_grid(canon.to_atlas, canon.grid, 0.0) & tissue)
+                masks = remove_also(masks, torch.from_numpy(face_region_mni(mni)) & tissue)
         if wants_ears:  # after the atlas guard, so its brain is protected from the ears' removal too
-            from deface.atlas import ear_zone_on_grid
-
-            masks = remove_also(masks, ear_zone_on_grid(canon.to_atlas, canon.grid) & canon.inside)
+            masks = remove_also(masks, torch.from_numpy(ear_region_mni(mni)) & canon.inside)
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
@@ -215,14 +217,19 @@ class Defacer:
             "changed_outside_mask": int((changed & ~remove).sum()),
             "noise_from_zero_air": self.mode == "noise" and bool(remove.any())
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
-            "mode": self.mode if self.mode != "reface" or canon.to_atlas is not None else "zero (reface "
-            "needs the atlas registration)",
+            "mode": self.mode_for(canon.to_atlas),  # the mode used: reface falls back to zero unregistered
+            "reface_fallback": self.mode_for(canon.to_atlas) != self.mode,
             "ears_removed": wants_ears,
             "atlas_registration": canon.registration,
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats, canon.to_atlas)
+
+    def mode_for(self, to_atlas: np.ndarray | None) -> str:
+        """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface
+        without a registration (nothing to place the generic face with)."""
+        return "zero" if self.mode == "reface" and to_atlas is None else self.mode
 
     def replace(self, volume: io.Volume, remove: np.ndarray, to_atlas: np.ndarray | None = None) -> np.ndarray:
         """Stored values with the ``remove`` voxels replaced in every volume, per ``self.mode``.
@@ -233,7 +240,7 @@ class Defacer:
             return raw
         flat = raw.reshape(raw.shape[:3] + (-1,))
         rng = np.random.default_rng(self.seed)
-        mode = self.mode if self.mode != "reface" or to_atlas is not None else "zero"
+        mode = self.mode_for(to_atlas)
         if mode == "reface":
             from deface import reface
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head
 
     from deface import FACE, Defacer
-    from deface.atlas import brain_on_grid, face_zone_on_grid
+    from deface.anatomy import face_region_mni
+    from deface.atlas import atlas_points, brain_on_grid
     from deface.evaluation import near_skin
     from deface.postprocessing import canonical_masks, dilate
     from deface.preprocessing import resample
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
         atlas = dilate(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
                        int(np.ceil(cfg.atlas_margin_mm / d.spacing))).numpy()
-        zone = face_zone_on_grid(canon.to_atlas, canon.grid, cfg.atlas_face_margin_mm).numpy()
+        zone = face_region_mni(atlas_points(canon.to_atlas, canon.grid), cfg.atlas_face_margin_mm)
         network = masks.protect.numpy()
         wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
         removed = masks.remove.numpy() & ~atlas & zone
