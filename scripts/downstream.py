@@ -19,7 +19,6 @@ Evaluation only: ``pip install deepbet niimath pydeface``; nothing here runs in 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import shutil
 import subprocess
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head
+    from evaluate import cache_head, write_csv
 
     from deface.evaluation import contrast_variant, dice
     from deface.inference import Defacer
@@ -114,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               f" | {np.median([abs(r['brain_volume_pct']) for r in sel]):.2f} | {tissue} | "
               f"{sum(r['brain_changed'] for r in sel)}")
     if args.csv:
-        with args.csv.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
     return 0
 
 

@@ -56,6 +56,14 @@ def independent_mask(cache: Path, name: str, data: np.ndarray, affine: np.ndarra
     return union
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per dict, the first row's keys as the header."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache folder")
@@ -156,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(bool(r['rank1_forced']) for r in rows)}/{len(rows)}; originals of different people: "
                   f"median {np.nanmedian(spreads):.3f}")
         if args.csv:
-            with args.csv.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                w.writerows(rows)
+            write_csv(args.csv, rows)
     if args.orientations:
         table = orientation_agreement(defacer, nib.load(str(args.orientations)))
         print("orientation | dice vs stored order")
