@@ -153,10 +153,17 @@ class Defacer:
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:
             return volume, canon
-        from deface.atlas import register_atlas
+        from deface.atlas import euler, head_pose, register_atlas, rigid_part, rotation_deg
 
-        reg = register_atlas(self.atlas, canon.image[0].numpy(), canon.grid.affine)
-        canon.to_atlas, canon.registration, canon.registration_s = reg.to_atlas, reg.status, reg.seconds
+        t0 = time.perf_counter()
+        start = head_pose(self.atlas, canon.image[0].numpy(), canon.grid.affine)
+        turn = rigid_part(start[:3, :3])
+        if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network and registration see it upright
+            upright = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
+            canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=upright)
+        reg = register_atlas(self.atlas, canon.image[0].numpy(), canon.grid.affine, start=start)
+        canon.to_atlas, canon.registration = reg.to_atlas, reg.status
+        canon.registration_s = time.perf_counter() - t0
         return volume, canon
 
     @torch.inference_mode()

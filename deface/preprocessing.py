@@ -39,13 +39,19 @@ def world_bbox(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return world.min(axis=1), world.max(axis=1)
 
 
-def canonical_grid(native: Grid, spacing: float = 2.0, multiple: int = 16, max_size: int = 256) -> Grid:
+def canonical_grid(native: Grid, spacing: float = 2.0, multiple: int = 16, max_size: int = 256,
+                   rotation: np.ndarray | None = None) -> Grid:
     """The RAS grid at ``spacing`` mm covering ``native``, padded to ``multiple`` voxels.
 
     The origin sits on the world lattice ``k * spacing`` so that reorderings of the same image
     give the same canonical grid. Fields of view beyond ``max_size`` voxels are centred and cut.
+    ``rotation`` (3x3, world -> grid axes) turns the grid: its axes are then the rotated RAS
+    axes (a tilted head seen upright), the lattice theirs.
     """
-    lo, hi = world_bbox(native)
+    rot = np.eye(3) if rotation is None else np.asarray(rotation, float)
+    turned = np.eye(4)
+    turned[:3, :3] = rot
+    lo, hi = world_bbox(Grid(native.shape, turned @ native.affine))
     lo = np.floor(lo / spacing) * spacing
     hi = np.ceil(hi / spacing) * spacing
     n = np.round((hi - lo) / spacing).astype(int) + 1
@@ -56,7 +62,7 @@ def canonical_grid(native: Grid, spacing: float = 2.0, multiple: int = 16, max_s
     affine = np.eye(4)
     affine[:3, :3] = np.diag([spacing] * 3)
     affine[:3, 3] = origin
-    return Grid(tuple(int(s) for s in shape), affine)
+    return Grid(tuple(int(s) for s in shape), affine if rotation is None else np.linalg.inv(turned) @ affine)
 
 
 def antialias(data: torch.Tensor, affine: np.ndarray, spacing: float) -> tuple[torch.Tensor, np.ndarray]:
@@ -148,11 +154,13 @@ class CanonicalInput:
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, multiple: int = 16,
-                 max_size: int = 256) -> CanonicalInput:
-    """Bring a 3D native volume (float, scaled values) to the canonical network input."""
+                 max_size: int = 256, rotation: np.ndarray | None = None) -> CanonicalInput:
+    """Bring a 3D native volume (float, scaled values) to the canonical network input
+    (``rotation``: see ``canonical_grid``)."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
     data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    grid = canonical_grid(Grid(tuple(volume.shape[:3]), np.asarray(affine, float)), spacing, multiple, max_size)
+    grid = canonical_grid(Grid(tuple(volume.shape[:3]), np.asarray(affine, float)), spacing, multiple, max_size,
+                          rotation)
     pooled, pooled_affine = antialias(data, np.asarray(affine, float), spacing)
     image = resample(pooled, pooled_affine, grid)
     inside = fov_mask(pooled_affine, tuple(pooled.shape[1:]), grid)

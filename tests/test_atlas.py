@@ -125,3 +125,73 @@ def test_registration_finds_a_pitched_head(monkeypatch, always_retry):
     # image world -> atlas world must undo the pitch: rotation(to_atlas) @ pitch ~ identity
     error = np.degrees(Rotation.from_matrix(u @ vt @ pitch[:3, :3]).magnitude())
     assert error < 5.0
+
+
+def tilted_atlas_head(pitch: float, roll: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, affine, tilt): the atlas head turned in world space (pitch about x, then roll about
+    y) and resampled onto a grid large enough to hold it; ``tilt`` is the 4x4 world rotation."""
+    from deface.atlas import euler
+    from deface.preprocessing import Grid, resample
+
+    atlas = Atlas.load()
+    tilt = np.eye(4)
+    tilt[:3, :3] = euler(pitch, roll, 0.0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-102.0, -130.0, -90.0]
+    grid = Grid((102, 116, 104), affine)
+    image = resample(torch.from_numpy(atlas.image)[None], tilt @ atlas.affine, grid)[0].numpy()
+    return image, affine, tilt
+
+
+def test_head_pose_and_registration_find_a_head_tilted_beyond_the_optimisers_reach():
+    """Pitched 35 and rolled 15 degrees: the rotation search brings the start within reach and the
+    registration from it undoes the tilt (from upright it did not: 40 mm off at the face)."""
+    from deface.atlas import head_pose, rigid_part, rotation_deg
+
+    atlas = Atlas.load()
+    image, affine, tilt = tilted_atlas_head(35.0, 15.0)
+    start = head_pose(atlas, image, affine)
+    assert rotation_deg(rigid_part(start[:3, :3]) @ tilt[:3, :3]) < 12.0
+    reg = register_atlas(atlas, image, affine, start=start)
+    assert reg.status == "ok"
+    assert rotation_deg(rigid_part(reg.to_atlas[:3, :3]) @ tilt[:3, :3]) < 5.0
+    # a face point lands where it belongs: image point of MNI (0, 60, -20) maps back to it
+    face_world = tilt @ np.array([0.0, 60.0, -20.0, 1.0])
+    assert np.linalg.norm((reg.to_atlas @ face_world)[:3] - [0.0, 60.0, -20.0]) < 6.0
+
+
+@pytest.mark.slow
+def test_registration_on_a_rotated_grid_matches_the_axis_aligned_one():
+    """The same head on a grid turned 30 degrees (as the wrapper turns tilted heads upright) gives
+    the same world -> atlas transform, within a few mm at the face and brain."""
+    from deface.atlas import euler
+    from deface.preprocessing import to_canonical
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(0.0, 0.0)
+    plain = to_canonical(image, affine)
+    turned = to_canonical(image, affine, rotation=euler(30.0, 0.0, 10.0))
+    assert not np.allclose(turned.grid.affine[:3, :3], np.diag(np.diag(turned.grid.affine[:3, :3])))
+    a = register_atlas(atlas, plain.image[0].numpy(), plain.grid.affine).to_atlas
+    b = register_atlas(atlas, turned.image[0].numpy(), turned.grid.affine).to_atlas
+    for p in ([0.0, 60.0, -20.0], [0.0, 40.0, 20.0], [0.0, -60.0, 30.0]):
+        q = np.linalg.inv(a) @ np.array([*p, 1.0])
+        assert np.linalg.norm((b @ q)[:3] - p) < 4.0
+
+
+def test_a_turned_canonical_grid_covers_the_field_of_view():
+    """canonical_grid with a rotation: its axes are the rotated ones, isotropic, and every native
+    corner lies inside it."""
+    from deface.atlas import euler
+    from deface.preprocessing import Grid, canonical_grid, world_bbox
+
+    native = Grid((60, 80, 50), np.array([[0.0, 0.0, 3.0, -70], [-1.0, 0.0, 0.0, 40], [0.0, 1.2, 0.0, -50],
+                                          [0, 0, 0, 1]]))
+    rot = euler(40.0, -20.0, 15.0)
+    grid = canonical_grid(native, 2.0, 16, rotation=rot)
+    np.testing.assert_allclose(grid.affine[:3, :3], rot.T * 2.0, atol=1e-9)
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in native.shape], indexing="ij")).reshape(3, -1)
+    world = native.affine[:3, :3] @ corners + native.affine[:3, 3:4]
+    idx = np.linalg.inv(grid.affine) @ np.vstack([world, np.ones((1, world.shape[1]))])
+    assert (idx[:3] >= -0.5).all() and (idx[:3] <= np.array(grid.shape)[:, None] - 0.5).all()
+    assert world_bbox(grid)[0].shape == (3,)
