@@ -7,7 +7,11 @@ T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
 head's outline (mean squares of the filled head masks, blind to contrast), then refined on
 intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit;
 a last refinement looks only at the intensities around the atlas brain (``refine_on_brain``).
-A result that fits poorly is tried again from pitched starts (``register_pose``).
+A result that fits poorly is tried again from pitched starts (``register_pose``). The
+registration starts from a coarse search over rotations of the head outline (``head_pose``),
+so a head tilted beyond the optimiser's reach is found too; the wrapper turns a head that is far
+from upright onto a rotated grid (``preprocessing.canonical_grid(rotation=...)``) before the
+network sees it, and registers on that grid.
 Its brain probability, thresholded, is protected like the network's brain. The labeller
 registers its template with the same ``register_head``.
 """
@@ -286,7 +290,8 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
         sampled = torch.nn.functional.grid_sample(moving_grid, grid, align_corners=True)[0, 0, :, 0, 0]
         return 2 * float((sampled * weight).sum()) / (float((weight * inside).sum()) + volume_m), centre.numpy()
 
-    best = (-1.0, np.eye(3), start.numpy())
+    upright = score(np.eye(3))
+    best = (upright[0], np.eye(3), upright[1])
     for steps in SEARCH_STEPS_DEG:
         base = best[1]
         for pitch in steps[0]:
@@ -305,8 +310,8 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
 
 def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), start: np.ndarray | None = None
                   ) -> np.ndarray:
-    """``register_head`` from ``start`` (fixed -> atlas world; default ``rotation_search``) then
-    ``refine_on_brain``; when the result fits the intensities poorly
+    """``register_head`` from ``start`` (fixed -> atlas world, e.g. ``rotation_search``'s; default:
+    upright, the centroids aligned) then ``refine_on_brain``; when the result fits the intensities poorly
     (whole-head MI above ``RETRY_MI``), again from starts pitched by ``RETRY_PITCH_DEG``, keeping
     the plausible result with the best MI. The optimiser stays near its start: a head tilted
     15 degrees was sometimes registered upright, and the misplaced atlas brain then kept half
@@ -317,7 +322,7 @@ def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), s
         to_atlas, _ = register_head(fixed, atlas.head, shrink, init)
         return refine_on_brain(fixed, atlas.head, to_atlas, prior, (4, 2, 1))
 
-    best = from_start(rotation_search(fixed, atlas.head) if start is None else start)
+    best = from_start(start)
     best_mi = head_mi(fixed, atlas.head, best)
     if best_mi > RETRY_MI:
         for pitch in RETRY_PITCH_DEG:

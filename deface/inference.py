@@ -153,15 +153,25 @@ class Defacer:
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:
             return volume, canon
-        from deface.atlas import euler, head_pose, register_atlas, rigid_part, rotation_deg
+        from deface.atlas import Head, euler, head_mi, head_pose, register_atlas, rigid_part, rotation_deg
 
         t0 = time.perf_counter()
-        start = head_pose(self.atlas, canon.image[0].numpy(), canon.grid.affine)
-        turn = rigid_part(start[:3, :3])
-        if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network and registration see it upright
-            upright = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
-            canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=upright)
-        reg = register_atlas(self.atlas, canon.image[0].numpy(), canon.grid.affine, start=start)
+        image, affine = canon.image[0].numpy(), canon.grid.affine
+        start = head_pose(self.atlas, image, affine)
+        reg = register_atlas(self.atlas, image, affine, start=start)
+        if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_upright_deg:
+            # An outline fits some wrong poses well (IXI 296 upright: 65 degrees): the upright start
+            # too, and the registration that fits the intensities better (as register_pose's retries).
+            upright = register_atlas(self.atlas, image, affine)
+            head = Head(image, affine)
+            if reg.to_atlas is None or (upright.to_atlas is not None and head_mi(head, self.atlas.head, upright.to_atlas)
+                                        < head_mi(head, self.atlas.head, reg.to_atlas)):
+                reg = upright
+        if reg.to_atlas is not None:
+            turn = rigid_part(reg.to_atlas[:3, :3])
+            if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
+                turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
+                canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
         canon.to_atlas, canon.registration = reg.to_atlas, reg.status
         canon.registration_s = time.perf_counter() - t0
         return volume, canon
