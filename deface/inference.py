@@ -158,15 +158,15 @@ class Defacer:
         t0 = time.perf_counter()
         image, affine = canon.image[0].numpy(), canon.grid.affine
         start = head_pose(self.atlas, image, affine)
-        reg = register_atlas(self.atlas, image, affine, start=start)
+        reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_upright_deg:
-            # An outline fits some wrong poses well (IXI 296 upright: 65 degrees): the upright start
-            # too, and the registration that fits the intensities better (as register_pose's retries).
-            upright = register_atlas(self.atlas, image, affine)
+            # A tilted head: from the search's start too, and the fit to the intensities decides (an
+            # outline fits some wrong poses well: IXI 296 upright came out at 65 degrees).
+            searched = register_atlas(self.atlas, image, affine, start=start)
             head = Head(image, affine)
-            if reg.to_atlas is None or (upright.to_atlas is not None and head_mi(head, self.atlas.head, upright.to_atlas)
-                                        < head_mi(head, self.atlas.head, reg.to_atlas)):
-                reg = upright
+            if searched.to_atlas is not None and (reg.to_atlas is None or head_mi(head, self.atlas.head, searched.to_atlas)
+                                                  < head_mi(head, self.atlas.head, reg.to_atlas)):
+                reg = searched
         if reg.to_atlas is not None:
             turn = rigid_part(reg.to_atlas[:3, :3])
             if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
