@@ -159,7 +159,7 @@ class Defacer:
         image, affine = canon.image[0].numpy(), canon.grid.affine
         start = head_pose(self.atlas, image, affine)
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
-        if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_upright_deg:
+        if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_search_deg:
             # A tilted head: from the search's start too, and the fit to the intensities decides (an
             # outline fits some wrong poses well: IXI 296 upright came out at 65 degrees).
             searched = register_atlas(self.atlas, image, affine, start=start)

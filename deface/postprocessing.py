@@ -44,14 +44,17 @@ class PostprocessConfig:
     # dilated by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
     atlas_threshold: float = 0.5
-    # A head whose first pose estimate (deface.atlas.head_pose) is turned more than this from
-    # the atlas's upright pose is resampled upright (pitched forward by the second setting) for
-    # the network and the registration. Heads as scanned lie 5-25 degrees from the atlas pose and
-    # lost face recall when turned (the network's brain grew on the resampled grid: IXI 052
-    # 0.839 -> 0.755); a head pitched 25 and rolled 12 degrees more is 41-46 degrees off and gained
-    # (IXI 015 recall 0.227 -> 0.739, niivue 0.214 -> 0.729). The network found the most face
-    # on heads turned 10 degrees past the atlas pose (face Dice on IXI 015, 052, niivue).
-    atlas_upright_deg: float = 30.0
+    # Tilted heads (Defacer.prepare): a head the outline search (deface.atlas.head_pose) finds more
+    # than ``atlas_search_deg`` from the atlas pose is registered from the search's pose as well as
+    # from upright (the better intensity fit is kept); a head registered more than
+    # ``atlas_upright_deg`` from the atlas pose is resampled upright (pitched forward by
+    # ``atlas_upright_pitch_deg``) for the network. Heads as scanned registered 8-22 degrees from
+    # the atlas pose (10 held-out heads); turning them cost face recall (the network's brain grew
+    # on the resampled grid: IXI 052 0.839 -> 0.755); heads pitched 25 and rolled 12 degrees more
+    # registered 26-51 degrees off and gained. The network found the most face on heads turned 10
+    # degrees past the atlas pose (face Dice on IXI 015, 052, niivue).
+    atlas_search_deg: float = 20.0
+    atlas_upright_deg: float = 25.0
     atlas_upright_pitch_deg: float = 10.0
     atlas_margin_mm: float = 6.0
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)
