@@ -162,7 +162,11 @@ class Defacer:
         if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_search_deg:
             # A tilted head: from the search's start too, and the fit to the intensities decides (an
             # outline fits some wrong poses well: IXI 296 upright came out at 65 degrees).
-            searched = register_atlas(self.atlas, image, affine, start=start)
+            # registered on a grid turned by the search's pose: the registration's metric region,
+            # the top of the head, is then the top of this head (niivue tilted: 27 mm off on the
+            # axis-aligned grid, face recall 0.456 instead of 0.782)
+            seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rigid_part(start[:3, :3]))
+            searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
             head = Head(image, affine)
             if searched.to_atlas is not None and (reg.to_atlas is None or head_mi(head, self.atlas.head, searched.to_atlas)
                                                   < head_mi(head, self.atlas.head, reg.to_atlas)):
