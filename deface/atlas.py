@@ -183,11 +183,11 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     return Registration(to_atlas, "ok", time.perf_counter() - t0)
 
 
-def head_pose(atlas: Atlas, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def head_pose(atlas: Atlas, head: Head) -> np.ndarray:
     """A first world -> atlas transform (rotation and translation, ``rotation_search``) of a
-    normalised head ``image`` on an axis-aligned RAS grid, whatever its pose: the wrapper turns
-    the network's grid upright with it and registers from it."""
-    return rotation_search(Head(image, affine), atlas.head)
+    normalised ``head`` on an axis-aligned RAS grid, whatever its pose: the wrapper turns the
+    network's grid upright with it and registers from it."""
+    return rotation_search(head, atlas.head)
 
 
 def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
@@ -213,8 +213,7 @@ def pitched_start(fixed: Head, moving: Head, pitch_deg: float) -> np.ndarray:
     def centroid(head: Head) -> np.ndarray:
         return head.affine[:3, :3] @ np.argwhere(head.top).mean(0) + head.affine[:3, 3]
 
-    a = np.deg2rad(pitch_deg)
-    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rot = euler(pitch_deg, 0.0, 0.0)
     cf, cm = centroid(fixed), centroid(moving)
     start = np.eye(4)
     start[:3, :3] = rot

@@ -148,11 +148,10 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
             data, labels, affine = thicken(data, labels, affine, axis, max(1, int(round(3.0 / vs[axis]))))
         return data, labels, affine
     if kind == "tilted":
-        a, b = np.deg2rad(25.0), np.deg2rad(12.0)
-        pitch = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-        roll = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+        from deface.atlas import euler
+
         rot = np.eye(4)
-        rot[:3, :3] = roll @ pitch
+        rot[:3, :3] = euler(25.0, 12.0, 0.0)  # pitched 25 degrees, then rolled 12
         return data, labels, rot @ affine
     if kind == "brain_only":
         return np.where(labels == BRAIN, data, 0).astype(np.float32), labels, affine

@@ -157,17 +157,18 @@ class Defacer:
 
         t0 = time.perf_counter()
         image, affine = canon.image[0].numpy(), canon.grid.affine
-        start = head_pose(self.atlas, image, affine)
+        head = Head(image, affine)  # its outline and top serve the pose search and the fit comparison
+        start = head_pose(self.atlas, head)
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
-        if rotation_deg(rigid_part(start[:3, :3])) > self.post.atlas_search_deg:
-            # A tilted head: from the search's start too, and the fit to the intensities decides (an
-            # outline fits some wrong poses well: IXI 296 upright came out at 65 degrees).
-            # registered on a grid turned by the search's pose: the registration's metric region,
-            # the top of the head, is then the top of this head (niivue tilted: 27 mm off on the
-            # axis-aligned grid, face recall 0.456 instead of 0.782)
-            seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rigid_part(start[:3, :3]))
+        pose = rigid_part(start[:3, :3])
+        if rotation_deg(pose) > self.post.atlas_search_deg:
+            # A tilted head is registered from the search's pose too, on a grid turned by it, so the
+            # registration's metric region (the top of the head) is this head's top (niivue tilted
+            # on the axis-aligned grid: 27 mm off, face recall 0.456 instead of 0.782). The better
+            # fit to the intensities is kept: an outline fits some wrong poses well (IXI 296
+            # upright came out at 65 degrees).
+            seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
             searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
-            head = Head(image, affine)
             if searched.to_atlas is not None and (reg.to_atlas is None or head_mi(head, self.atlas.head, searched.to_atlas)
                                                   < head_mi(head, self.atlas.head, reg.to_atlas)):
                 reg = searched

@@ -26,14 +26,14 @@ def rss_mb() -> float:
 
 
 def make_inputs(folder: Path, n: int) -> None:
+    from deface.atlas import euler
     from deface.cli import EXAMPLE_HEAD
 
     src = nib.load(str(EXAMPLE_HEAD))
     data = np.asanyarray(src.dataobj).astype(np.float32)
     dtypes = [np.int16, np.float32, np.uint8, np.int32]
     for i in range(n):
-        a = np.deg2rad(i % 11 - 5)
-        rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        rot = euler(float(i % 11 - 5), 0.0, 0.0)
         affine = src.affine.copy()
         affine[:3, :3] = rot @ affine[:3, :3]
         affine[:3, 3] += i % 5

@@ -146,11 +146,11 @@ def tilted_atlas_head(pitch: float, roll: float) -> tuple[np.ndarray, np.ndarray
 def test_head_pose_and_registration_find_a_head_tilted_beyond_the_optimisers_reach():
     """Pitched 35 and rolled 15 degrees: the rotation search brings the start within reach and the
     registration from it undoes the tilt (from upright it did not: 40 mm off at the face)."""
-    from deface.atlas import head_pose, rigid_part, rotation_deg
+    from deface.atlas import Head, head_pose, rigid_part, rotation_deg
 
     atlas = Atlas.load()
     image, affine, tilt = tilted_atlas_head(35.0, 15.0)
-    start = head_pose(atlas, image, affine)
+    start = head_pose(atlas, Head(image, affine))
     assert rotation_deg(rigid_part(start[:3, :3]) @ tilt[:3, :3]) < 12.0
     reg = register_atlas(atlas, image, affine, start=start)
     assert reg.status == "ok"
