@@ -9,17 +9,12 @@ import argparse
 import glob
 import logging
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from deface import MODES, __version__
 
 log = logging.getLogger("deface")
-# matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
-# (two at once crashed the interpreter with a segmentation fault in the container's test run).
-QC_LOCK = threading.Lock()
 EXAMPLE_HEAD = Path(__file__).resolve().parent / "examples" / "colin27_t1_2mm.nii.gz"
 
 EPILOG = """examples:
@@ -177,6 +172,11 @@ def output_path(src: Path, args: argparse.Namespace, suffix: str) -> Path:
     return folder / f"{stem}{suffix}{ext}"
 
 
+def applyto_targets(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(--applyto image, its output): ``<name><suffix>`` in the output folder, or beside it."""
+    return [(other, output_path(other, args, args.suffix)) for other in args.applyto]
+
+
 def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses outputs that equal an input or collide with each other."""
     from deface.io import is_image_file
@@ -198,19 +198,12 @@ def plan_outputs(inputs: list[Path], args: argparse.Namespace) -> list[tuple[Pat
         if r in seen:
             raise UsageError(f"{src} and {seen[r]} would both write {dst}; use separate --outdir runs")
         seen[r] = src
+    for other, dst in applyto_targets(args):
+        r = dst.resolve()
+        if r in resolved_inputs or r in seen:
+            raise UsageError(f"{dst}: the --applyto output of {other} would overwrite an input or another output")
+        seen[r] = other
     return pairs
-
-
-def progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="file", disable=not enabled, file=sys.stderr)
-    except ImportError:
-        class _Null:
-            def update(self, n: int = 1) -> None: ...
-            def close(self) -> None: ...
-        return _Null()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot load the model: %s", exc)
         return 1
     log.info("deface %s on %s, %d file(s), %d DICOM series", __version__, defacer.device, len(todo), len(dicom_jobs.jobs))
-    args.report_rows = []
-    results += run_batches(defacer, todo, args)
+    results += run_files(defacer, todo, args)
     results += run_dicom(defacer, dicom_jobs, args)
     if args.bids:
         finish_bids(results, pairs, args, defacer)
@@ -318,6 +310,9 @@ def check_before_work(pairs: list[tuple[Path, Path]], dicom_jobs, args: argparse
         folder = (dicom_jobs.jobs[0].dicom_dir or dicom_jobs.jobs[0].nifti).parent
     else:
         folder = Path.cwd()
+    existing = [dst for _, dst in applyto_targets(args) if dst.exists()]
+    if existing and not args.force:
+        raise UsageError(f"{existing[0]} exists (an --applyto output); use --force to overwrite it")
     args.report_path = folder / "deface_report.html"
     if args.qc and args.report_path.exists() and not args.force:
         raise UsageError(f"{args.report_path} exists; use --force to overwrite it")
@@ -384,6 +379,7 @@ def run_dicom(defacer, plan: DicomPlan, args: argparse.Namespace) -> list[tuple[
     from deface import io
     from deface.deid import Deidentifier
     from deface.dicom import deface_job
+    from deface.inference import outcome_of
 
     deidentify = Deidentifier(args.date_shift)
     provenance = {**provenance_of(defacer, args), "DatesShifted": args.date_shift is not None}
@@ -399,7 +395,7 @@ def run_dicom(defacer, plan: DicomPlan, args: argparse.Namespace) -> list[tuple[
             log.error("%s: %s", job.name, io.one_line(exc))
             results.append((Path(job.name), "failed", io.one_line(exc)))
             continue
-        status, msg = outcome(job.name, s)
+        status, msg = outcome_of(job.name, s)
         msg = f"{len(job.series.files)} files, {msg}"
         log.info("%s -> %s: %s (%.2f s)", job.name, job.dicom_dir or job.nifti, msg, time.perf_counter() - t0)
         results.append((Path(job.name), status, msg))
@@ -468,6 +464,28 @@ def finish_bids(results, pairs, args: argparse.Namespace, defacer) -> None:
     bids.write_dataset_description(bids_dir, out_dir, __version__, model)
 
 
+def run_files(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace) -> list[tuple[Path, str, str]]:
+    """The planned files through ``Defacer.predict_from_files``; one result row each (QC rows kept
+    in ``args.report_rows`` for the report)."""
+    from deface.inference import Job
+    from deface.io import split_suffix
+
+    targets = getattr(args, "session_targets", {})
+    jobs = []
+    for src, dst in todo:
+        mask = None
+        if args.save_mask:
+            stem, _ = split_suffix(dst)
+            mask = dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz")
+        jobs.append(Job(src, dst, mask, targets.get(src, applyto_targets(args)), str(src)))
+    shown = sys.stderr.isatty() and not args.quiet
+    done = defacer.predict_from_files(jobs, batch_size=args.batch_size, workers=max(args.workers, 1),
+                                      scrub=args.scrub, force=args.force,
+                                      qc=args.qc_resolution if args.qc else None, show_progress=shown)
+    args.report_rows = [o.report_row for o in done if o.report_row is not None]
+    return [(job.source, o.status, o.details) for job, o in zip(jobs, done)]
+
+
 def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace) -> None:
     """deface_report.html in the output folder (or beside the first output): every file, flagged first."""
     from deface.qc import html_report
@@ -487,176 +505,12 @@ def write_report(results: list[tuple[Path, str, str]], args: argparse.Namespace)
     log.info("QC report: %s", path)
 
 
-def _prepare(defacer, src: Path):
-    """((volume, canonical input, wall-clock start, seconds spent), None) or (None, the error)."""
-    started = time.perf_counter()
-    try:
-        volume, canon = defacer.prepare(src)
-        return (volume, canon, started, time.perf_counter() - started), None
-    except Exception as exc:
-        return None, exc
-
-
-def run_batches(defacer, todo: list[tuple[Path, Path]], args: argparse.Namespace) -> list[tuple[Path, str, str]]:
-    """Read ahead and write behind in threads so the network waits on disk as little as possible."""
-    from deface import io
-
-    results = []
-    from contextlib import nullcontext
-
-    shown = sys.stderr.isatty() and not args.quiet
-    bar = progress(len(todo), shown)
-    workers = max(args.workers, 1)
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm  # log lines above the bar, never into it
-    except ImportError:
-        logging_redirect_tqdm = None
-    redirect = logging_redirect_tqdm() if shown and logging_redirect_tqdm else nullcontext()
-    with redirect, ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
-        batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-        pending = [readers.submit(_prepare, defacer, src) for src, _ in batches[0]] if batches else []
-        writes = []
-        for b, batch in enumerate(batches):
-            prepared = [f.result() for f in pending]
-            if b + 1 < len(batches):
-                pending = [readers.submit(_prepare, defacer, src) for src, _ in batches[b + 1]]
-            ok = [(pair, p) for pair, (p, err) in zip(batch, prepared) if p is not None]
-            for (src, _), (p, err) in zip(batch, prepared):
-                if p is None:
-                    log.error("%s: %s", src, io.one_line(err))
-                    results.append((src, "failed", io.one_line(err)))
-            if not ok:
-                bar.update(len(batch))
-                continue
-            t0 = time.perf_counter()
-            try:
-                probs = defacer.predict([p[1] for _, p in ok])
-            except Exception as exc:
-                for (src, _), _p in ok:
-                    log.error("%s: network failed: %s", src, io.one_line(exc))
-                    results.append((src, "failed", f"network: {io.one_line(exc)}"))
-                continue
-            net_s = (time.perf_counter() - t0) / len(ok)
-            for ((src, dst), (volume, canon, started, read_s)), pr in zip(ok, probs):
-                writes.append((src, writers.submit(_finish, defacer, volume, canon, pr, src, dst, args,
-                                                   (started, read_s, net_s), io)))
-            bar.update(len(batch))
-        for src, fut in writes:
-            results.append(fut.result())
-    bar.close()
-    return results
-
-
-def _finish(defacer, volume, canon, probs, src: Path, dst: Path, args, clock: tuple[float, float, float],
-            io) -> tuple[Path, str, str]:
-    """Postprocess, write and report one file. ``clock``: (wall-clock start of its read, seconds
-    reading and preprocessing, seconds of network per image); its time is from that start."""
-    started, read_s, net_s = clock
-    try:
-        result = defacer.apply(volume, canon, probs)
-        if args.save_mask:  # the mask first: an existing output then always has its mask (--skip-existing)
-            stem, _ = io.split_suffix(dst)
-            io.save_mask(volume, result.mask, dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz"))
-        io.save(io.scrub_header(volume) if args.scrub else volume, result.raw, dst)
-        for other, out in getattr(args, "session_targets", {}).get(src, [(o, None) for o in args.applyto]):
-            apply_mask_to(defacer, result, other, args, io, out)
-        s = result.stats
-        if args.qc:
-            with QC_LOCK:
-                _qc(volume, result, src, dst, args, io, time.perf_counter() - started)
-        status, msg = outcome(src, s)
-        log.info("%s -> %s: %s (%.2f s)", src, dst, msg, time.perf_counter() - started)
-        log.debug("%s: seconds: read+preprocess %.2f (registration %.2f), network %.2f, postprocess %.2f, "
-                  "whole file %.2f (wall clock)", src, read_s, canon.registration_s, net_s, s["postprocess_s"],
-                  time.perf_counter() - started)
-        return src, status, msg
-    except Exception as exc:
-        log.error("%s: %s", src, io.one_line(exc))
-        return src, "failed", io.one_line(exc)
-
-
-def outcome(name, s: dict) -> tuple[str, str]:
-    """(status, summary message) of one defaced image from its stats; logs what the user must check."""
-    if s.get("atlas_registration", "off") not in ("ok", "off"):
-        log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
-                    name, s["atlas_registration"])
-    if s.get("reface_fallback"):
-        log.warning("%s: --mode reface needs the atlas registration, which did not succeed: zeros were written", name)
-    if s.get("noise_from_zero_air"):
-        log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", name)
-    if s.get("already_defaced"):
-        log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", name)
-    if s.get("brain_only"):
-        log.warning("%s: looks brain-only (skull-stripped): nothing removed", name)
-    elif not s["face_found"]:
-        log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", name)
-    msg = (f"face {'found' if s['face_found'] else 'NOT found'}, removed {s['removed_ml']:.1f} mL, "
-           f"brain voxels changed {s['brain_voxels_changed']}")
-    return ("brain only" if s.get("brain_only") else "done" if s["face_found"] else "no face"), msg
-
-
 def provenance_of(defacer, args: argparse.Namespace) -> dict:
     """What was done, for sidecars: tool, version, model, weights hash and mode."""
     meta = defacer.metadata
     return {"Tool": "deface", "Version": __version__,
             "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
             "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "Ears": bool(args.ears)}
-
-
-def _qc(volume, result, src: Path, dst: Path, args, io, seconds: float) -> None:
-    """The QC picture of one file, the re-identification check when installed, a report row."""
-    from deface import facecheck
-    from deface.qc import qc_png
-
-    stem, _ = io.split_suffix(dst)
-    before = volume.reference()
-    after = result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0])
-    row = {"file": str(src), "output": str(dst), "seconds": round(seconds, 2), **result.stats}
-    mode = result.stats.get("mode", args.mode)
-    check = None
-    if facecheck.available():
-        check, _, _ = facecheck.check_images(before, volume.affine, after, volume.affine, spacing=args.qc_resolution)
-        row["face_after"] = check.face_found_after
-        if mode == "reface":
-            check.refaced = True
-            distance = "no front face to compare" if check.distance is None else f"distance {check.distance:.2f}"
-            row["check"] = (f"PASS: the new face is not matched to the input's ({distance})" if check.passed else
-                            f"FAIL: the new face matches the input's ({distance} < {facecheck.MATCH_DISTANCE})")
-        else:
-            row["check"] = ("PASS: no face detected after defacing" if check.passed else
-                            "FAIL: face detected in " + ", ".join(check.face_found_after))
-        if not check.passed:
-            log.warning("%s: re-identification check failed: %s", src, row["check"])
-    png = dst.with_name(f"{stem}.png")
-    qc_png(before, after, result.mask, volume.affine, png, title=f"{src.name} (mode: {mode})", check=check,
-           spacing=args.qc_resolution)
-    row["png"] = str(png)
-    args.report_rows.append(row)
-
-
-def apply_mask_to(defacer, result, other: Path, args, io, out: Path | None = None) -> None:
-    """Deface a co-registered image with ``result``'s mask, resampled when its grid differs;
-    written to ``out`` (default: ``<name><suffix>`` in the output folder or beside it)."""
-    import numpy as np
-    import torch
-
-    from deface.preprocessing import Grid, resample
-
-    vol = io.load(other)
-    src_grid = result.volume.affine
-    if vol.raw.shape[:3] == result.mask.shape and np.allclose(vol.affine, src_grid, atol=1e-4):
-        mask = result.mask
-    else:
-        mask = resample(torch.from_numpy(result.mask.astype(np.float32))[None], src_grid,
-                        Grid(tuple(vol.raw.shape[:3]), vol.affine))[0].numpy() >= 0.5
-    raw = defacer.replace(vol, mask, result.to_atlas)
-    if out is None:
-        dst = args.outdir / other.name if args.outdir else other
-        stem, _ = io.split_suffix(dst)
-        out = dst.with_name(f"{stem}{args.suffix}.nii.gz" if not str(dst).endswith(".mgz") else f"{stem}{args.suffix}.mgz")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; use --force")
-    io.save(io.scrub_header(vol) if args.scrub else vol, raw, out)
 
 
 def summarize(results: list[tuple[Path, str, str]]) -> int:

@@ -241,12 +241,10 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
 
 def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceResult"]:  # noqa: F821
     """(network label map on the native grid, the full wrapper's result) for one image."""
-    volume, canon = defacer.prepare(image)
-    probs = defacer.predict([canon])[0]
-    result = defacer.apply(volume, canon, probs)
-    labels = probs.argmax(0)[None].float()
-    native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
-    return resample(labels, canon.grid.affine, native, mode="nearest")[0].numpy().astype(np.uint8), result
+    result = defacer.deface(image)
+    labels = torch.from_numpy(result.labels)[None].float()
+    native = Grid(tuple(result.volume.raw.shape[:3]), result.volume.affine)
+    return resample(labels, result.grid.affine, native, mode="nearest")[0].numpy().astype(np.uint8), result
 
 
 def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray,

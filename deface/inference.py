@@ -9,7 +9,11 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,9 @@ from deface.postprocessing import (PostprocessConfig, canonical_masks, protect_a
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 log = logging.getLogger("deface")
+# matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
+# (two at once crashed the interpreter with a segmentation fault in the container's test run).
+QC_LOCK = threading.Lock()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -44,6 +51,8 @@ class DefaceResult:
     mask: np.ndarray  # (X, Y, Z) bool: voxels replaced in every volume
     stats: dict[str, Any] = field(default_factory=dict)
     to_atlas: np.ndarray | None = None  # world transform image -> atlas, when registered (for --applyto)
+    labels: np.ndarray | None = None  # the network's class map (uint8) on ``grid``, the canonical grid
+    grid: Grid | None = None
 
     @property
     def image(self) -> nib.spatialimages.SpatialImage:
@@ -78,6 +87,73 @@ def background_air(values: np.ndarray, remove: np.ndarray, min_voxels: int = 100
     if noisy.size >= min_voxels:
         return noisy
     return air if air.size else np.zeros(1, np.float32)
+
+
+@dataclass
+class Job:
+    """One image for ``Defacer.predict_from_files`` and where its outputs go. ``dst`` None: nothing
+    is written and the ``DefaceResult`` is kept in the outcome (the Python API, evaluation)."""
+
+    source: str | Path | nib.spatialimages.SpatialImage | io.Volume
+    dst: Path | None = None
+    mask: Path | None = None  # --save-mask: where the removal mask goes
+    applyto: list[tuple[Path, Path]] = field(default_factory=list)  # (co-registered image, its output)
+    name: str = ""  # for messages; default: the source path
+
+    def __post_init__(self) -> None:
+        self.name = self.name or (str(self.source) if isinstance(self.source, (str, Path)) else "image")
+
+
+@dataclass
+class Outcome:
+    """What happened to one ``Job``: status "done", "no face", "brain only" or "failed", a one-line
+    summary, the stats, the wall-clock seconds from the start of its read to its last output."""
+
+    name: str
+    status: str
+    details: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    result: DefaceResult | None = None
+    error: Exception | None = None
+    report_row: dict[str, Any] | None = None  # with ``qc``: the QC report's row
+
+
+def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
+    """(status, summary) of one defaced image from its stats; logs what the user must check."""
+    if stats.get("atlas_registration", "off") not in ("ok", "off"):
+        log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
+                    name, stats["atlas_registration"])
+    if stats.get("reface_fallback"):
+        log.warning("%s: --mode reface needs the atlas registration, which did not succeed: zeros were written", name)
+    if stats.get("noise_from_zero_air"):
+        log.warning("%s: the image's air is all zeros, so --mode noise wrote zeros (as --mode zero)", name)
+    if stats.get("already_defaced"):
+        log.warning("%s: looks already defaced (the face region is mostly zeros): check the output", name)
+    if stats.get("brain_only"):
+        log.warning("%s: looks brain-only (skull-stripped): nothing removed", name)
+    elif not stats["face_found"]:
+        log.warning("%s: no face found, nothing removed (skull-stripped, already defaced or not a head?)", name)
+    msg = (f"face {'found' if stats['face_found'] else 'NOT found'}, removed {stats['removed_ml']:.1f} mL, "
+           f"brain voxels changed {stats['brain_voxels_changed']}")
+    return ("brain only" if stats.get("brain_only") else "done" if stats["face_found"] else "no face"), msg
+
+
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr when ``enabled`` (and tqdm is installed), else a stand-in."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, unit="file", file=sys.stderr)
+        except ImportError:
+            pass
+
+    class _Silent:
+        def update(self, n: int = 1) -> None: ...
+        def close(self) -> None: ...
+
+    return _Silent()
 
 
 class Defacer:
@@ -246,7 +322,8 @@ class Defacer:
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
-        return DefaceResult(volume, raw, remove, stats, canon.to_atlas)
+        labels = probs.argmax(0).numpy().astype(np.uint8)
+        return DefaceResult(volume, raw, remove, stats, canon.to_atlas, labels, canon.grid)
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:
         """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface
@@ -299,16 +376,149 @@ class Defacer:
                 vol[box] = sub
         return flat.reshape(raw.shape)
 
+    def apply_to(self, result: DefaceResult, other: Path, out: Path, scrub: bool = False,
+                 force: bool = False) -> None:
+        """Deface the co-registered image ``other`` with ``result``'s mask (resampled when its grid
+        differs) and write it to ``out`` (--applyto)."""
+        from deface.preprocessing import resample
+
+        vol = io.load(other)
+        if vol.raw.shape[:3] == result.mask.shape and np.allclose(vol.affine, result.volume.affine, atol=1e-4):
+            mask = result.mask
+        else:
+            mask = resample(torch.from_numpy(result.mask.astype(np.float32))[None], result.volume.affine,
+                            Grid(tuple(vol.raw.shape[:3]), vol.affine))[0].numpy() >= 0.5
+        raw = self.replace(vol, mask, result.to_atlas)
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; use --force")
+        io.save(io.scrub_header(vol) if scrub else vol, raw, out)
+
     def deface(self, source: str | Path | nib.spatialimages.SpatialImage | io.Volume,
                probs: torch.Tensor | None = None) -> DefaceResult:
-        """Deface one image. ``probs`` (C, X, Y, Z on the canonical grid) bypasses the network."""
-        t0 = time.perf_counter()
-        volume, canon = self.prepare(source)
-        t1 = time.perf_counter()
+        """Deface one image and return the result (nothing written); raises what went wrong.
+        ``probs`` (C, X, Y, Z on the canonical grid) bypasses the network (tests)."""
         if probs is None:
-            probs = self.predict([canon])[0]
-        t2 = time.perf_counter()
-        result = self.apply(volume, canon, probs)
-        result.stats.update(load_preprocess_s=round(t1 - t0, 3), network_s=round(t2 - t1, 3))
-        return result
+            done = self.predict_from_files([Job(source)], workers=0)[0]
+            if done.error is not None:
+                raise done.error
+            return done.result
+        volume, canon = self.prepare(source)
+        return self.apply(volume, canon, probs)
 
+    def predict_from_files(self, jobs: list[Job], batch_size: int = 1, workers: int = 1, scrub: bool = False,
+                           force: bool = False, qc: float | None = None, show_progress: bool = False
+                           ) -> list[Outcome]:
+        """Deface every job: the one pipeline behind deface-infer, ``deface.predict`` and evaluation.
+
+        Reading and preprocessing (with the atlas registration) run ahead in ``workers`` threads
+        while the network takes ``batch_size`` images at a time; postprocessing and writing run
+        behind it in ``workers`` threads (``workers=0``: everything in the caller's thread).
+        ``scrub`` clears header free text in what is written; ``force`` lets --applyto outputs be
+        overwritten (the caller decides about the main outputs); ``qc``: render resolution in mm
+        for a QC picture beside each output and a report row. One failing file never stops the
+        others: its outcome says "failed" and why. Outcomes come back in the order of ``jobs``.
+        """
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        bar = progress_bar(len(jobs), show_progress)
+        redirect = nullcontext()
+        if show_progress:
+            try:
+                from tqdm.contrib.logging import logging_redirect_tqdm  # log lines above the bar, never into it
+
+                redirect = logging_redirect_tqdm()
+            except ImportError:
+                pass
+        readers = ThreadPoolExecutor(workers) if workers else None
+        writers = ThreadPoolExecutor(workers) if workers else None
+
+        def submit(pool, fn, *a):
+            if pool is None:
+                from concurrent.futures import Future
+
+                fut = Future()
+                fut.set_result(fn(*a))
+                return fut
+            return pool.submit(fn, *a)
+
+        batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
+        with redirect:
+            try:
+                pending = [submit(readers, self._read, jobs[i]) for i in batches[0]] if batches else []
+                writes = []
+                for b, batch in enumerate(batches):
+                    prepared = [f.result() for f in pending]
+                    if b + 1 < len(batches):
+                        pending = [submit(readers, self._read, jobs[i]) for i in batches[b + 1]]
+                    ok = []
+                    for i, (p, err) in zip(batch, prepared):
+                        if p is None:
+                            outcomes[i] = self._failed(jobs[i], err, 0.0)
+                        else:
+                            ok.append((i, p))
+                    if ok:
+                        t0 = time.perf_counter()
+                        try:
+                            probs = self.predict([p[1] for _, p in ok])
+                        except Exception as exc:
+                            for i, (_, _, started, _) in ok:
+                                outcomes[i] = self._failed(jobs[i], exc, time.perf_counter() - started, "network: ")
+                            ok, probs = [], []
+                        net_s = (time.perf_counter() - t0) / max(len(ok), 1)
+                        for (i, (volume, canon, started, read_s)), pr in zip(ok, probs):
+                            writes.append((i, submit(writers, self._finish, jobs[i], volume, canon, pr,
+                                                     (started, read_s, net_s), scrub, force, qc)))
+                    bar.update(len(batch))
+                for i, fut in writes:
+                    outcomes[i] = fut.result()
+            finally:
+                for pool in (readers, writers):
+                    if pool is not None:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                bar.close()
+        return outcomes
+
+    def _read(self, job: Job):
+        """((volume, canonical input, wall-clock start, seconds), None) or (None, the error)."""
+        started = time.perf_counter()
+        try:
+            volume, canon = self.prepare(job.source)
+            return (volume, canon, started, time.perf_counter() - started), None
+        except Exception as exc:
+            return None, exc
+
+    @staticmethod
+    def _failed(job: Job, exc: Exception, seconds: float, prefix: str = "") -> Outcome:
+        log.error("%s: %s%s", job.name, prefix, io.one_line(exc))
+        return Outcome(job.name, "failed", prefix + io.one_line(exc), seconds=seconds, error=exc)
+
+    def _finish(self, job: Job, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
+                clock: tuple[float, float, float], scrub: bool, force: bool, qc: float | None) -> Outcome:
+        """Postprocess one image and write its outputs: the mask first (so an existing output always
+        has its mask: --skip-existing), the image, then --applyto images and the QC picture."""
+        started, read_s, net_s = clock
+        try:
+            result = self.apply(volume, canon, probs)
+            s = result.stats
+            s.update(load_preprocess_s=round(read_s, 3), network_s=round(net_s, 3))
+            if job.mask is not None:
+                io.save_mask(volume, result.mask, job.mask)
+            if job.dst is not None:
+                io.save(io.scrub_header(volume) if scrub else volume, result.raw, job.dst)
+            for other, out in job.applyto:
+                self.apply_to(result, Path(other), Path(out), scrub, force)
+            row = None
+            if qc is not None and job.dst is not None:
+                from deface.qc import qc_file
+
+                with QC_LOCK:
+                    row = qc_file(volume, result, job.name, job.dst, qc, time.perf_counter() - started)
+            status, msg = outcome_of(job.name, s)
+            seconds = time.perf_counter() - started
+            s["seconds"] = round(seconds, 3)
+            log.info("%s -> %s: %s (%.2f s)", job.name, job.dst or "memory", msg, seconds)
+            log.debug("%s: seconds: read+preprocess %.2f (registration %.2f), network %.2f, postprocess %.2f, "
+                      "whole file %.2f (wall clock)", job.name, read_s, canon.registration_s, net_s,
+                      s["postprocess_s"], seconds)
+            return Outcome(job.name, status, msg, s, seconds, result if job.dst is None else None, report_row=row)
+        except Exception as exc:
+            return self._failed(job, exc, time.perf_counter() - started)

@@ -26,13 +26,13 @@ log = logging.getLogger("deface")
 
 
 class FileDataset(Dataset):
-    """Index -> (input, output) paths; loading happens in the module, next to the network."""
+    """Index -> index of a job; loading happens in the module, next to the network."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]]) -> None:
-        self.pairs = pairs
+    def __init__(self, jobs: list) -> None:
+        self.jobs = jobs
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.jobs)
 
     def __getitem__(self, index: int) -> int:
         return index
@@ -52,33 +52,28 @@ class StridedSampler(Sampler[int]):
 
 
 class DefacePredictor(L.LightningModule):
-    """Wraps a ``Defacer``: the network moves with the module, pre/postprocessing stay on CPU."""
+    """Wraps a ``Defacer``: the network moves with the module, pre/postprocessing stay on CPU.
+    ``jobs``: ``inference.Job`` for every file; each rank runs its share through
+    ``Defacer.predict_from_files``, ``batch_size`` images per network call."""
 
-    def __init__(self, defacer, pairs: list[tuple[Path, Path]]) -> None:
+    def __init__(self, defacer, jobs: list, batch_size: int = 1, workers: int = 1, scrub: bool = False) -> None:
         super().__init__()
         self.defacer = defacer
         self.net = defacer.network
-        self.pairs = pairs
+        self.jobs = jobs
+        self.batch_size, self.workers, self.scrub = batch_size, workers, scrub
 
     def predict_dataloader(self) -> DataLoader:
         # Called after the processes are launched, so the rank and world size are known here.
-        sampler = StridedSampler(len(self.pairs), self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(FileDataset(self.pairs), batch_size=1, sampler=sampler, num_workers=0)
+        sampler = StridedSampler(len(self.jobs), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(FileDataset(self.jobs), batch_size=self.batch_size, sampler=sampler, num_workers=0)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[tuple[str, str, str]]:
         self.defacer.device = self.device
-        out = []
-        for index in batch.tolist():
-            src, dst = self.pairs[index]
-            try:
-                volume, canon = self.defacer.prepare(src)
-                probs = self.defacer.predict([canon])[0]
-                result = self.defacer.apply(volume, canon, probs)
-                io.save(volume, result.raw, dst)
-                out.append((str(src), "done", f"removed {result.stats['removed_ml']:.1f} mL"))
-            except Exception as exc:  # one bad file never stops the batch
-                out.append((str(src), "failed", io.one_line(exc)))
-        return out
+        jobs = [self.jobs[i] for i in batch.tolist()]
+        done = self.defacer.predict_from_files(jobs, batch_size=len(jobs), workers=self.workers,
+                                               scrub=self.scrub)
+        return [(job.name, o.status, o.details) for job, o in zip(jobs, done)]
 
 
 class ManifestWriter(BasePredictionWriter):
@@ -95,31 +90,41 @@ class ManifestWriter(BasePredictionWriter):
                 f.write(f"{src}\t{status}\t{detail}\n")
 
 
-def run(pairs: list[tuple[Path, Path]], outdir: Path, weights: str | None, accelerator: str, devices: int | str,
-        num_nodes: int, strategy: str) -> None:
+def run(jobs: list, outdir: Path, weights: str | None, accelerator: str, devices: int | str, num_nodes: int,
+        strategy: str, batch_size: int = 1, workers: int = 1, scrub: bool = False, mode: str = "zero") -> None:
+    """Deface ``jobs`` (``inference.Job``) with ``Defacer.predict_from_files`` on every rank."""
     from deface.inference import Defacer
 
-    defacer = Defacer(weights=weights, device="cpu")
+    defacer = Defacer(weights=weights, device="cpu", mode=mode)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                         logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                         callbacks=[ManifestWriter(outdir)], enable_progress_bar=False)
-    trainer.predict(DefacePredictor(defacer, pairs), return_predictions=False)
+    trainer.predict(DefacePredictor(defacer, jobs, batch_size, workers, scrub), return_predictions=False)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deface import MODES
     from deface.cli import UsageError, expand_inputs, output_path
+    from deface.inference import Job
 
     p = argparse.ArgumentParser(prog="python -m deface.predict", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--outdir", type=Path, required=True)
     p.add_argument("--suffix", default="_defaced")
     p.add_argument("--weights", default=None)
+    p.add_argument("--mode", choices=MODES, default="zero")
+    p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
+    p.add_argument("--scrub", action="store_true", help="clear NIfTI free-text fields and extensions")
+    p.add_argument("--batch-size", type=int, default=1, help="images per network call on each rank")
+    p.add_argument("--workers", type=int, default=1, help="reader and writer threads on each rank")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="e.g. ddp (several GPUs / nodes; gloo on CPU)")
     p.add_argument("--skip-existing", action="store_true")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be >= 1 and --workers >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         inputs, missing = expand_inputs(args.inputs)
@@ -129,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s: no such file, or no NIfTI/MGH files in it", item)
     args.outdir.mkdir(parents=True, exist_ok=True)
     io.remove_stale_temporaries([args.outdir])  # only this node's dead writers' (or day-old) files
-    pairs = [(src, output_path(src, args, args.suffix)) for src in inputs]
-    if args.skip_existing:
-        pairs = [(s, d) for s, d in pairs if not d.exists()]
+    jobs = []
+    for src in inputs:
+        dst = output_path(src, args, args.suffix)
+        if args.skip_existing and dst.exists():
+            continue
+        stem, _ = io.split_suffix(dst)
+        mask = dst.with_name(f"{stem.removesuffix(args.suffix)}_defacemask.nii.gz") if args.save_mask else None
+        jobs.append(Job(src, dst, mask))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    run(pairs, args.outdir, args.weights, args.accelerator, devices, args.num_nodes, args.strategy)
+    run(jobs, args.outdir, args.weights, args.accelerator, devices, args.num_nodes, args.strategy,
+        args.batch_size, args.workers, args.scrub, args.mode)
     return 1 if missing else 0
 
 

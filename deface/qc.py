@@ -136,3 +136,38 @@ tr.flag{{background:#fff0f0}} .why{{color:#b00;font-weight:bold}}</style></head>
 <h1>deface report</h1><p>{len(rows)} file(s), {n_flag} flagged (shown first).</p>
 <table>{''.join(cells)}</table></body></html>"""
     path.write_text(page)
+
+
+def qc_file(volume, result, name: str, dst: Path, spacing: float, seconds: float) -> dict[str, Any]:
+    """The QC picture of one defaced file (``<output stem>.png`` beside ``dst``), with the
+    re-identification check when its extra is installed; returns the file's report row.
+    ``volume`` and ``result``: ``io.Volume`` and ``inference.DefaceResult``."""
+    import logging
+
+    from deface import facecheck
+    from deface.io import split_suffix
+
+    stem, _ = split_suffix(dst)
+    before = volume.reference()
+    after = result.volume.scaled(result.raw.reshape(result.raw.shape[:3] + (-1,))[..., 0])
+    row = {"file": name, "output": str(dst), "seconds": round(seconds, 2), **result.stats}
+    mode = result.stats.get("mode", "zero")
+    check = None
+    if facecheck.available():
+        check, _, _ = facecheck.check_images(before, volume.affine, after, volume.affine, spacing=spacing)
+        row["face_after"] = check.face_found_after
+        if mode == "reface":
+            check.refaced = True
+            distance = "no front face to compare" if check.distance is None else f"distance {check.distance:.2f}"
+            row["check"] = (f"PASS: the new face is not matched to the input's ({distance})" if check.passed else
+                            f"FAIL: the new face matches the input's ({distance} < {facecheck.MATCH_DISTANCE})")
+        else:
+            row["check"] = ("PASS: no face detected after defacing" if check.passed else
+                            "FAIL: face detected in " + ", ".join(check.face_found_after))
+        if not check.passed:
+            logging.getLogger("deface").warning("%s: re-identification check failed: %s", name, row["check"])
+    png = dst.with_name(f"{stem}.png")
+    qc_png(before, after, result.mask, volume.affine, png, title=f"{Path(name).name} (mode: {mode})", check=check,
+           spacing=spacing)
+    row["png"] = str(png)
+    return row

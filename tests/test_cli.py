@@ -82,6 +82,18 @@ def test_applyto_resampled_grid(tmp_path, tiny_weights):
     assert a.shape == b.shape and np.array_equal(a.affine, b.affine)
 
 
+def test_existing_applyto_output_is_refused_before_any_work(tmp_path, tiny_weights):
+    t1, t2, out = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz", tmp_path / "out"
+    nib.save(make_phantom(), str(t1))
+    nib.save(make_phantom(angle_deg=5.0), str(t2))
+    out.mkdir()
+    (out / "t2_defaced.nii.gz").write_bytes(b"an earlier result")
+    assert run([t1, "--applyto", t2, "-o", out], tiny_weights) == 2
+    assert not (out / "t1_defaced.nii.gz").exists()  # refused before the work, not after t1 was written
+    assert run([t1, "--applyto", t2, "-o", out, "--force"], tiny_weights) == 0
+    assert nib.load(str(out / "t2_defaced.nii.gz")).shape == make_phantom().shape
+
+
 @pytest.mark.slow  # registers the atlas to the phantom (30 s); tests/test_reface.py covers Defacer.replace
 def test_reface_with_applyto_changes_only_the_mask_in_both(tmp_path, tiny_weights):
     t1, t2 = tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"

@@ -282,3 +282,41 @@ def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_
     upper_face = (truth == FACE) & (points[..., 2] > -10) & face_region_mni(in_atlas)
     assert masks[False][upper_face].mean() < 0.05 < 0.3 < masks[True][upper_face].mean()
     assert face_region_mni(in_atlas[added], 5.0).all()  # only inside the region (within a voxel)
+
+
+def test_predict_from_files_batches_keeps_order_and_survives_a_broken_file(tmp_path, defacer, monkeypatch):
+    from deface.inference import Job
+
+    seen = []
+
+    def oracle(inputs):  # an ideal network, so that every phantom has a face to remove
+        seen.append(len(inputs))
+        return [oracle_probs(defacer, c) for c in inputs]
+
+    monkeypatch.setattr(defacer, "predict", oracle)
+
+    good = [make_phantom(angle_deg=a) for a in (0.0, 12.0, 25.0)]
+    paths = []
+    for i, img in enumerate(good):
+        paths.append(tmp_path / f"s{i}.nii.gz")
+        nib.save(img, str(paths[-1]))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    jobs = [Job(paths[0], tmp_path / "o0.nii.gz", tmp_path / "o0_mask.nii.gz"), Job(broken, tmp_path / "ob.nii.gz"),
+            Job(paths[1], tmp_path / "o1.nii.gz"), Job(good[2])]  # the last one is kept in memory
+    done = defacer.predict_from_files(jobs, batch_size=2, workers=2)
+    assert seen == [1, 2]  # the broken file left its batch with one image
+    assert [o.name for o in done] == [str(paths[0]), str(broken), str(paths[1]), "image"]
+    assert [o.status == "failed" for o in done] == [False, True, False, False]
+    assert done[1].error is not None and not (tmp_path / "ob.nii.gz").exists()
+    for i in (0, 1):
+        out = nib.load(str(tmp_path / f"o{i}.nii.gz"))
+        assert out.shape == good[i].shape and np.array_equal(out.affine, good[i].affine)
+        assert done[2 * i].result is None and done[2 * i].seconds > 0  # written, not kept
+    mask = nib.load(str(tmp_path / "o0_mask.nii.gz")).get_fdata() > 0
+    changed = nib.load(str(tmp_path / "o0.nii.gz")).get_fdata() != good[0].get_fdata()
+    assert changed.any() and not (changed & ~mask).any()
+    kept = done[3].result
+    assert kept is not None and kept.labels.shape == kept.grid.shape
+    assert kept.stats["face_found"] and kept.stats["brain_voxels_changed"] == 0
+    assert np.array_equal(kept.raw, defacer.deface(good[2]).raw)  # the same pipeline, batched or alone

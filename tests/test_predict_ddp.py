@@ -20,7 +20,7 @@ def test_two_processes_write_every_file_once(tmp_path, tiny_weights):
     (src / "broken.nii.gz").write_bytes(b"not an image")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PL_DISABLE_FORK": "1"}
     proc = subprocess.run([sys.executable, "-m", "deface.predict", str(src), "-o", str(out), "--weights",
-                           str(tiny_weights), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+                           str(tiny_weights), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "2", "--save-mask"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifests = sorted(out.glob(".deface_rank*.tsv"))
@@ -29,4 +29,4 @@ def test_two_processes_write_every_file_once(tmp_path, tiny_weights):
     files = [line[0] for line in lines]
     assert sorted(files) == sorted(str(p) for p in src.iterdir()) and len(files) == len(set(files)) == 8
     assert {Path(f).name: status for f, status, _ in lines}["broken.nii.gz"] == "failed"
-    assert len(list(out.glob("*_defaced.nii.gz"))) == 7
+    assert len(list(out.glob("*_defaced.nii.gz"))) == 7 and len(list(out.glob("*_defacemask.nii.gz"))) == 7
