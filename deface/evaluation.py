@@ -242,7 +242,7 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
 def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceResult"]:  # noqa: F821
     """(network label map on the native grid, the full wrapper's result) for one image."""
     result = defacer.deface(image)
-    labels = torch.from_numpy(result.labels)[None].float()
+    labels = result.probs.argmax(0)[None].float()
     native = Grid(tuple(result.volume.raw.shape[:3]), result.volume.affine)
     return resample(labels, result.grid.affine, native, mode="nearest")[0].numpy().astype(np.uint8), result
 

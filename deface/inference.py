@@ -51,8 +51,8 @@ class DefaceResult:
     mask: np.ndarray  # (X, Y, Z) bool: voxels replaced in every volume
     stats: dict[str, Any] = field(default_factory=dict)
     to_atlas: np.ndarray | None = None  # world transform image -> atlas, when registered (for --applyto)
-    labels: np.ndarray | None = None  # the network's class map (uint8) on ``grid``, the canonical grid
-    grid: Grid | None = None
+    probs: torch.Tensor | None = None  # the network's class probabilities (C, X, Y, Z) on ``grid``
+    grid: Grid | None = None  # the canonical grid
 
     @property
     def image(self) -> nib.spatialimages.SpatialImage:
@@ -66,13 +66,18 @@ class DefaceResult:
 def looks_already_defaced(image: np.ndarray, remove: np.ndarray) -> bool:
     """True when the region to remove is mostly exact zeros while the rest of the air is not:
     the mark a defacing tool leaves (a block set to 0 in an otherwise noisy background)."""
-    finite = np.nan_to_num(image, nan=0.0)
-    air = finite <= 0.05 * float(np.percentile(finite, 99))
-    zero = finite == 0
-    outside = air & ~remove
-    if remove.sum() < 100 or outside.sum() < 100:
+    if remove.sum() < 100:
         return False
-    return bool(zero[remove].mean() > 0.5 and zero[outside].mean() < 0.2)
+    sample = image.ravel()[::7]  # the 99th percentile of every 7th voxel: the same level, 7x cheaper
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return False
+    threshold = 0.05 * float(np.percentile(sample, 99))
+    with np.errstate(invalid="ignore"):
+        outside = ~remove & ((image <= threshold) | np.isnan(image))  # air (NaN counts as air)
+    if outside.sum() < 100:
+        return False
+    return bool((image[remove] == 0).mean() > 0.5 and (image[outside] == 0).mean() < 0.2)
 
 
 def background_air(values: np.ndarray, remove: np.ndarray, min_voxels: int = 1000) -> np.ndarray:
@@ -322,8 +327,7 @@ class Defacer:
             "atlas_s": round(canon.registration_s, 3),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
-        labels = probs.argmax(0).numpy().astype(np.uint8)
-        return DefaceResult(volume, raw, remove, stats, canon.to_atlas, labels, canon.grid)
+        return DefaceResult(volume, raw, remove, stats, canon.to_atlas, probs, canon.grid)
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:
         """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface
