@@ -242,7 +242,8 @@ class Defacer:
         start = head_pose(self.atlas, head)
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         pose = rigid_part(start[:3, :3])
-        if rotation_deg(pose) > self.post.atlas_search_deg:
+        tilted = rotation_deg(pose) > self.post.atlas_search_deg
+        if tilted:
             # A tilted head is registered from the search's pose too, on a grid turned by it, so the
             # registration's metric region (the top of the head) is this head's top (niivue tilted
             # on the axis-aligned grid: 27 mm off, face recall 0.456 instead of 0.782). The better
@@ -251,9 +252,10 @@ class Defacer:
             seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
             searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
             if searched.to_atlas is not None and (reg.to_atlas is None or head_mi(head, self.atlas.head, searched.to_atlas)
-                                                  < head_mi(head, self.atlas.head, reg.to_atlas)):
+                                                  < head_mi(head, self.atlas.head, reg.to_atlas)
+                                                  - self.post.atlas_search_mi_margin):
                 reg = searched
-        if reg.to_atlas is not None:
+        if reg.to_atlas is not None and tilted:  # the outline must look tilted too: a steep FLAIR's was upright
             turn = rigid_part(reg.to_atlas[:3, :3])
             if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
                 turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn

@@ -46,14 +46,17 @@ class PostprocessConfig:
     atlas_threshold: float = 0.5
     # Tilted heads (Defacer.prepare): a head the outline search (deface.atlas.head_pose) finds more
     # than ``atlas_search_deg`` from the atlas pose is registered from the search's pose as well as
-    # from upright (the better intensity fit is kept); a head registered more than
-    # ``atlas_upright_deg`` from the atlas pose is resampled upright (pitched forward by
-    # ``atlas_upright_pitch_deg``) for the network. Heads as scanned registered 8-22 degrees from
-    # the atlas pose (10 held-out heads); turning them cost face recall (the network's brain grew
-    # on the resampled grid: IXI 052 0.839 -> 0.755); heads pitched 25 and rolled 12 degrees more
-    # registered 26-51 degrees off and gained. The network found the most face on heads turned 10
-    # degrees past the atlas pose (face Dice on IXI 015, 052, niivue).
+    # from upright (the better intensity fit is kept); a head that the search finds more than
+    # ``atlas_search_deg`` and the kept registration more than ``atlas_upright_deg`` from the atlas
+    # pose is resampled upright (pitched forward by ``atlas_upright_pitch_deg``) for the network.
+    # Heads as scanned registered 8-22 degrees from the atlas pose (10 held-out heads) but one FLAIR
+    # (s19: 31 degrees, search 0: an upright outline); turning them cost face recall (the network's
+    # brain grew on the resampled grid: IXI 052 0.839 -> 0.755; s19 surface kept 0.12 -> 0.27); the
+    # same heads pitched 25 and rolled 12 degrees more registered 26-51 degrees off, searched 27-56,
+    # and gained. The network found the most face on heads turned 10 degrees past the atlas pose
+    # (face Dice on IXI 015, 052, niivue).
     atlas_search_deg: float = 20.0
+    atlas_search_mi_margin: float = 0.0  # the search's fit is kept when its MI is lower by more than this
     atlas_upright_deg: float = 25.0
     atlas_upright_pitch_deg: float = 10.0
     atlas_margin_mm: float = 6.0
