@@ -234,32 +234,36 @@ class Defacer:
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:
             return volume, canon
-        from deface.atlas import Head, euler, head_mi, head_pose, register_atlas, rigid_part, rotation_deg
+        from deface.atlas import (RETRY_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
+                                  rotation_deg)
 
         t0 = time.perf_counter()
         image, affine = canon.image[0].numpy(), canon.grid.affine
-        head = Head(image, affine)  # its outline and top serve the pose search and the fit comparison
-        start = head_pose(self.atlas, head)
+        head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
-        pose = rigid_part(start[:3, :3])
-        tilted = rotation_deg(pose) > self.post.atlas_search_deg
-        if tilted:
-            # A tilted head is registered from the search's pose too, on a grid turned by it, so the
-            # registration's metric region (the top of the head) is this head's top (niivue tilted
-            # on the axis-aligned grid: 27 mm off, face recall 0.456 instead of 0.782). The better
-            # fit to the intensities is kept: an outline fits some wrong poses well (IXI 296
-            # upright came out at 65 degrees).
-            seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
-            searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
-            if searched.to_atlas is not None and (reg.to_atlas is None or head_mi(head, self.atlas.head, searched.to_atlas)
-                                                  < head_mi(head, self.atlas.head, reg.to_atlas)
-                                                  - self.post.atlas_search_mi_margin):
-                reg = searched
-        if reg.to_atlas is not None and tilted:  # the outline must look tilted too: a steep FLAIR's was upright
-            turn = rigid_part(reg.to_atlas[:3, :3])
-            if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
-                turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
-                canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
+        reg_mi = head_mi(head, self.atlas.head, reg.to_atlas) if reg.to_atlas is not None else np.inf
+        upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
+        if not (upright and reg_mi < RETRY_MI):
+            # Not a well-fitting upright registration (every T1 head as scanned was one; the tilted
+            # versions fit at MI -0.11 to -0.25): search the pose. A head the search finds tilted is
+            # registered from the search's pose too, on a grid turned by it, so the registration's
+            # metric region (the top of the head) is this head's top (niivue tilted on the
+            # axis-aligned grid: 27 mm off, face recall 0.456 instead of 0.782). The better fit to the
+            # intensities is kept: an outline fits some wrong poses well (IXI 296 upright came out
+            # at 65 degrees).
+            start = head_pose(self.atlas, head)
+            pose = rigid_part(start[:3, :3])
+            if rotation_deg(pose) > self.post.atlas_search_deg:
+                seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
+                searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
+                if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
+                                                      < reg_mi - self.post.atlas_search_mi_margin):
+                    reg = searched
+                turn = rigid_part(reg.to_atlas[:3, :3]) if reg.to_atlas is not None else np.eye(3)
+                # the outline must look tilted too: a steep FLAIR's was upright (s19, registered 31 deg)
+                if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
+                    turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
+                    canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
         canon.to_atlas, canon.registration = reg.to_atlas, reg.status
         canon.registration_s = time.perf_counter() - t0
         return volume, canon
