@@ -192,6 +192,10 @@ class Defacer:
             network = build_network(metadata["architecture"])
             network.load_state_dict(state)
         self.metadata = metadata or {}
+        if metadata is not None:
+            from deface.weights import validate_metadata
+
+            validate_metadata(metadata)
         self.network = network.to(self.device).eval()
         pre = self.metadata.get("preprocessing", {})
         self.spacing = float(pre.get("spacing_mm", 2.0))

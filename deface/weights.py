@@ -60,6 +60,29 @@ def find_metadata(path: str | Path | None = None) -> Path:
     raise WeightsError("no shipped weights found; pass --weights or set DEFACE_WEIGHTS")
 
 
+# Every key a metadata JSON may hold (deface.train.build_metadata writes them; scripts add the
+# checkpoint and evaluation): a misspelled key is refused, not silently ignored.
+METADATA_KEYS = {"name", "version", "deface_version", "architecture", "preprocessing", "classes", "postprocessing",
+                 "training", "metrics", "torch_version", "monai_version", "git_commit", "intended_use", "license",
+                 "checkpoint", "file", "sha256", "evaluation"}
+PREPROCESSING_KEYS = {"orientation", "spacing_mm", "multiple", "intensity"}
+
+
+def validate_metadata(meta: dict[str, Any], where: str = "weights metadata") -> None:
+    """Raise WeightsError for an unknown key at the top level or in "preprocessing" (the
+    "postprocessing" keys are checked against PostprocessConfig by the Defacer), a missing
+    "architecture", or a preprocessing the wrapper does not implement."""
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    pre = meta.get("preprocessing", {})
+    unknown += [f"preprocessing.{k}" for k in sorted(set(pre) - PREPROCESSING_KEYS)]
+    if unknown:
+        raise WeightsError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    if "architecture" not in meta:
+        raise WeightsError(f"{where}: no \"architecture\"")
+    if pre.get("orientation", "RAS") != "RAS":
+        raise WeightsError(f"{where}: preprocessing.orientation {pre['orientation']!r}: only RAS is implemented")
+
+
 def read_metadata(path: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     meta_path = find_metadata(path)
     return json.loads(meta_path.read_text()), meta_path
@@ -73,6 +96,7 @@ def load_state_dict(path: str | Path | None = None) -> tuple[dict[str, Any], dic
     import torch
 
     meta, meta_path = read_metadata(path)
+    validate_metadata(meta, str(meta_path))
     weights_file = meta_path.parent / meta["file"]
     if not weights_file.exists():
         raise WeightsError(f"weights file {weights_file} is missing")

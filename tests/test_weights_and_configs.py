@@ -76,3 +76,23 @@ def test_train_help_says_what_it_does_and_that_the_cache_comes_first():
     out = subprocess.run([sys.executable, "-m", "deface.train", "--help"], capture_output=True, text=True)
     first = out.stdout.splitlines()[:2]
     assert out.returncode == 0 and first[0].startswith("deface-train: train") and "cache" in first[1]
+
+
+def test_metadata_with_an_unknown_key_is_refused(tmp_path, tiny_weights):
+    import json
+
+    from deface.inference import Defacer
+    from deface.weights import WeightsError
+
+    meta_path = next(tiny_weights.glob("*.json"))
+    for change in ({"postprocesing": {"atlas": False}}, {"preprocessing": {"spacing_mm": 4.0, "spacingmm": 3.0}}):
+        folder = tmp_path / next(iter(change))
+        folder.mkdir()
+        for f in tiny_weights.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        meta = json.loads(meta_path.read_text())
+        meta.update(change)
+        (folder / meta_path.name).write_text(json.dumps(meta))
+        with pytest.raises(WeightsError, match="unknown key"):
+            Defacer(weights=folder, device="cpu")
+    Defacer(weights=tiny_weights, device="cpu")  # the unchanged metadata loads
