@@ -26,15 +26,21 @@ TINY_ARCHITECTURE: dict[str, Any] = {
 }
 
 
-def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+def build_network(architecture: dict[str, Any], monai: bool = False) -> torch.nn.Module:
     """Instantiate the network described by ``architecture`` (``_target_`` plus arguments).
 
-    Only MONAI network classes are accepted, so a metadata file cannot run arbitrary code.
+    Only MONAI network classes are accepted, so a metadata file cannot run arbitrary code. A
+    MONAI UNet that ``deface.unet`` reproduces is built from there (same state_dict, no MONAI
+    import: 1.6 s less for a cold process) unless ``monai`` asks for MONAI's own class.
     """
     args = dict(architecture)
     target = args.pop("_target_")
     if not target.startswith(ALLOWED_PREFIXES):
         raise ValueError(f"refusing to build network {target!r}: only {ALLOWED_PREFIXES} are allowed")
+    from deface import unet
+
+    if not monai and unet.supports(architecture):
+        return unet.UNet(**args)
     module_name, cls_name = target.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(**args)
