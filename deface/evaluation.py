@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deface import BRAIN, FACE
+from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
 CONTRASTS = ("original", "t2like", "pdlike", "flairlike")
@@ -242,7 +243,7 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
 def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceResult"]:  # noqa: F821
     """(network label map on the native grid, the full wrapper's result) for one image."""
     result = defacer.deface(image)
-    labels = result.probs.argmax(0)[None].float()
+    labels = class_map(result.probs)[None].float()
     native = Grid(tuple(result.volume.raw.shape[:3]), result.volume.affine)
     return resample(labels, result.grid.affine, native, mode="nearest")[0].numpy().astype(np.uint8), result
 

@@ -68,7 +68,7 @@ def looks_already_defaced(image: np.ndarray, remove: np.ndarray) -> bool:
     the mark a defacing tool leaves (a block set to 0 in an otherwise noisy background)."""
     if remove.sum() < 100:
         return False
-    sample = image.ravel()[::7]  # the 99th percentile of every 7th voxel: the same level, 7x cheaper
+    sample = image[::3, ::3, ::3]  # the 99th percentile of every 27th voxel: the same level, no copy
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return False

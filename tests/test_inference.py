@@ -320,3 +320,13 @@ def test_predict_from_files_batches_keeps_order_and_survives_a_broken_file(tmp_p
     assert kept is not None and kept.probs.shape[1:] == kept.grid.shape
     assert kept.stats["face_found"] and kept.stats["brain_voxels_changed"] == 0
     assert np.array_equal(kept.raw, defacer.deface(good[2]).raw)  # the same pipeline, batched or alone
+
+
+def test_class_map_is_argmax_with_ties_to_the_first_class():
+    from deface.postprocessing import class_map
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 9, 7, 5), 0)
+    probs[:, 0, 0, 0] = torch.tensor([0.4, 0.4, 0.1, 0.1])  # ties: argmax keeps the first
+    probs[:, 1, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.3])
+    assert torch.equal(class_map(probs), probs.argmax(0))
