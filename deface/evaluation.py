@@ -213,12 +213,32 @@ class HeadScore:
     face_found: bool
     seconds: float
     brain_changed_indep: int = -1  # voxels of an independent brain mask changed (-1: no mask given)
+    brain_gap_mm: float = float("nan")  # closest changed voxel to the labelled brain (nan: nothing changed)
+    brain_gap_indep_mm: float = float("nan")  # ... to the independent brain mask
     surface_kept: float = float("nan")  # deface.attack: frontal face surface left within 2 mm
     faces_after: str = ""  # views of the defaced render with a detected face
     min_distance: float = float("nan")  # smallest recogniser distance to the original, detected views
     min_forced_distance: float = float("nan")  # ... every view, the original's face box where none detected
     rank1: str = ""  # views with a rank-1 hit in the gallery attack (filled in by the caller)
     rank1_forced: str = ""  # ... with the forced embeddings
+
+
+def brain_gap_mm(changed: np.ndarray, brain: np.ndarray, spacing: np.ndarray, cap_mm: float = 20.0) -> float:
+    """Distance in mm from the changed voxels to the nearest ``brain`` voxel (0 when a brain voxel
+    changed; ``cap_mm`` when none lies that close; nan when nothing changed): how much margin the
+    removal kept, beyond the yes/no of "brain voxels changed"."""
+    from scipy import ndimage as ndi
+
+    if not changed.any():
+        return float("nan")
+    pad = np.ceil(cap_mm / spacing).astype(int)
+    lo = np.maximum(np.argwhere(changed).min(0) - pad, 0)
+    hi = np.argwhere(changed).max(0) + pad + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    if not brain[box].any():
+        return cap_mm
+    distance = ndi.distance_transform_edt(~brain[box], sampling=spacing)
+    return float(min(distance[changed[box]].min(), cap_mm))
 
 
 def fraction(mask: np.ndarray, of: np.ndarray) -> float:
@@ -286,6 +306,9 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
         face_found=bool(result.stats["face_found"]),
         seconds=seconds,
         brain_changed_indep=-1 if independent_brain is None else int((changed & independent_brain).sum()),
+        brain_gap_mm=brain_gap_mm(changed, reference == BRAIN, spacing),
+        brain_gap_indep_mm=float("nan") if independent_brain is None else brain_gap_mm(changed, independent_brain,
+                                                                                     spacing),
     )
     if attacked is not None:
         score.surface_kept = attacked.surface_kept

@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.independent:
             print(f"total independent-mask brain voxels changed: {sum(r['brain_changed_indep'] for r in rows)} "
                   f"(rows with any: {sum(r['brain_changed_indep'] > 0 for r in rows)}/{len(rows)})")
+        gaps = [r["brain_gap_mm"] for r in rows if r["brain_gap_mm"] == r["brain_gap_mm"]]
+        gaps_indep = [r["brain_gap_indep_mm"] for r in rows if r["brain_gap_indep_mm"] == r["brain_gap_indep_mm"]]
+        if gaps:
+            print(f"closest change to the labelled brain: min {min(gaps):.1f} mm, median {np.median(gaps):.1f} mm"
+                  + (f"; to the independent brain: min {min(gaps_indep):.1f} mm, median {np.median(gaps_indep):.1f} mm"
+                     if gaps_indep else ""))
         if args.attack:
             kept = [r["surface_kept"] for r in rows if r["surface_kept"] == r["surface_kept"]]
             dist = [r["min_distance"] for r in rows if r["min_distance"] == r["min_distance"]]

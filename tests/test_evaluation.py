@@ -90,3 +90,17 @@ def test_near_skin_is_a_shell():
     tissue[5:35, 5:35, 5:35] = True
     shell = near_skin(tissue, np.array([1.0, 1.0, 1.0]), 4.0)
     assert shell[5, 20, 20] and shell[8, 20, 20] and not shell[20, 20, 20] and not shell[0, 0, 0]
+
+
+def test_brain_gap_is_the_distance_from_the_changes_to_the_brain():
+    from deface.evaluation import brain_gap_mm
+
+    brain = np.zeros((30, 20, 10), bool)
+    brain[5:10] = True
+    changed = np.zeros_like(brain)
+    assert np.isnan(brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0])))
+    changed[16, 3, 4] = True  # 7 voxels of 2 mm beyond the brain's last slab (x = 9)
+    assert brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0])) == pytest.approx(14.0)
+    assert brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0]), cap_mm=10.0) == 10.0
+    changed[9, 0, 0] = True  # a brain voxel changed
+    assert brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0])) == 0.0
