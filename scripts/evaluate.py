@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         indep = independent_mask(args.cache, name, data, affine, args.independent) if args.independent else None
         for acq in acquisitions:
             acq_data, acq_labels, acq_affine = acquisition_variant(data, labels, affine, acq)
-            acq_indep = None if indep is None else acquisition_variant(data, indep.astype(np.uint8), affine, acq)[1] > 0
+            acq_indep = None
+            if indep is not None:  # the mask goes through the same geometry as the image (the crops follow the labels)
+                acq_indep = indep if acq == "brain_only" else (
+                    acquisition_variant(indep.astype(np.float32), labels, affine, acq)[0] >= 0.5)
             for kind in args.contrasts:
                 image = nib.Nifti1Image(contrast_variant(acq_data, acq_labels, kind), acq_affine)
                 tag = f"{name}:{kind}" if acq == "original" else f"{name}:{acq}:{kind}"
