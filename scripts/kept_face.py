@@ -8,7 +8,8 @@ of the rest, what kept it, first reason first:
 - network brain: inside the network's brain + brain margin;
 - atlas brain: inside the registered atlas brain + atlas margin;
 - outside region: outside the registered face region + its margin.
-Atlas completion (``atlas_complete``) is left out, so the first column is what it can win back.
+With ``atlas_complete`` (the default) the face region's tissue counts as predicted: "not
+predicted" is then what neither the network nor the completion reached.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from deface.anatomy import face_region_mni
     from deface.atlas import atlas_points, brain_on_grid
     from deface.evaluation import near_skin
-    from deface.postprocessing import canonical_masks, dilate
+    from deface.postprocessing import canonical_masks, grow
     from deface.preprocessing import resample
 
     d = Defacer()
@@ -49,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         tissue = data > 0.05 * np.percentile(data, 99.5)
         surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
-        atlas = dilate(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
-                       int(np.ceil(cfg.atlas_margin_mm / d.spacing))).numpy()
+        atlas = grow(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
+                     cfg.atlas_margin_mm, d.spacing).numpy()
         zone = face_region_mni(atlas_points(canon.to_atlas, canon.grid), cfg.atlas_face_margin_mm)
         network = masks.protect.numpy()
         wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
         removed = masks.remove.numpy() & ~atlas & zone
+        if cfg.atlas_complete and masks.face_found:
+            region = face_region_mni(atlas_points(canon.to_atlas, canon.grid)) & (
+                canon.image[0] > cfg.tissue_threshold).numpy() & canon.inside.numpy()
+            wanted = wanted | region
+            removed = removed | (region & ~network & ~atlas)
         kept = surface & ~removed
         shares = [surface & removed, kept & ~wanted, kept & wanted & network, kept & wanted & ~network & atlas,
                   kept & wanted & ~network & ~atlas & ~zone]

@@ -330,3 +330,18 @@ def test_class_map_is_argmax_with_ties_to_the_first_class():
     probs[:, 0, 0, 0] = torch.tensor([0.4, 0.4, 0.1, 0.1])  # ties: argmax keeps the first
     probs[:, 1, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.3])
     assert torch.equal(class_map(probs), probs.argmax(0))
+
+
+@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5)])
+def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
+    """The brain grows by the margin in every direction, diagonals included, and no further."""
+    from scipy import ndimage as ndi
+
+    from deface.postprocessing import grow
+
+    rng = np.random.default_rng(0)
+    brain = ndi.binary_opening(rng.random((23, 19, 17)) > 0.7)
+    brain[2, 3, 4] = True  # a lone voxel, so the ball's shape is tested too
+    grown = grow(torch.from_numpy(brain), margin_mm, spacing).numpy()
+    distance = ndi.distance_transform_edt(~brain)  # voxels to the nearest brain voxel
+    assert np.array_equal(grown, distance <= np.ceil(margin_mm / spacing))
