@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +268,8 @@ class Defacer:
                 if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
                     turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
                     canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
-        canon.to_atlas, canon.registration = reg.to_atlas, reg.status
-        canon.registration_s = time.perf_counter() - t0
-        return volume, canon
+        return volume, replace(canon, to_atlas=reg.to_atlas, registration=reg.status,
+                               registration_s=time.perf_counter() - t0)
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:

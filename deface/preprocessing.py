@@ -141,9 +141,10 @@ def normalize_intensity(image: torch.Tensor, inside: torch.Tensor | None = None,
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class CanonicalInput:
-    """The network input on the canonical grid and what is needed to map results back."""
+    """The network input on the canonical grid and what is needed to map results back; the atlas
+    fields are set by ``Defacer.prepare`` (``dataclasses.replace``) when it registers the atlas."""
 
     image: torch.Tensor  # (1, X, Y, Z) float32, normalised
     grid: Grid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -239,7 +241,7 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
     to_atlas = np.diag([1.2, 1.0, 1.0, 1.0])
     network = build_network(TINY_ARCHITECTURE)
     volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon.to_atlas, canon.registration = to_atlas, "ok"
+    canon = dataclasses.replace(canon, to_atlas=to_atlas, registration="ok")
     masks = {}
     for ears in (False, True):
         d = Defacer(network=network, metadata=tiny_metadata, device="cpu", ears=ears)
@@ -267,7 +269,7 @@ def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_
     in_atlas = points * np.array([1.0, 1.25, 1.0])
     network = build_network(TINY_ARCHITECTURE)
     volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon.to_atlas, canon.registration = to_atlas, "ok"
+    canon = dataclasses.replace(canon, to_atlas=to_atlas, registration="ok")
     masks = {}
     for complete in (False, True):
         d = Defacer(network=network, metadata=tiny_metadata, device="cpu", post={"atlas": True, "atlas_complete": complete})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -133,7 +135,7 @@ def test_defacer_reface_paints_only_the_mask_and_keeps_the_brain(tiny_metadata):
     img = make_phantom(angle_deg=8.0)
     network = build_network(TINY_ARCHITECTURE)
     volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon.to_atlas, canon.registration = np.diag([1.0, 0.9, 1.0, 1.0]), "ok"
+    canon = dataclasses.replace(canon, to_atlas=np.diag([1.0, 0.9, 1.0, 1.0]), registration="ok")
     d = Defacer(network=network, metadata=tiny_metadata, device="cpu", mode="reface")
     result = d.apply(volume, canon, oracle_probs(d, canon))
     truth = phantom_truth(world_points(img.shape, img.affine))
