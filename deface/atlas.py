@@ -93,6 +93,7 @@ class Registration:
     to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas; None when failed or implausible
     status: str  # "ok", "implausible" or "failed: <reason>"
     seconds: float
+    mi: float = float("inf")  # ``head_mi`` of the result on the grid it was registered on (lower: better)
 
 
 def plausible(to_atlas: np.ndarray) -> bool:
@@ -175,12 +176,13 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     to_virtual = virtual @ np.linalg.inv(affine)
     try:
         init = None if start is None else start @ np.linalg.inv(to_virtual)
-        to_atlas = register_pose(Head(image, virtual), atlas, shrink, init) @ to_virtual
+        to_virtual_atlas, mi = register_pose(Head(image, virtual), atlas, shrink, init)
+        to_atlas = to_virtual_atlas @ to_virtual
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return Registration(None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
         return Registration(None, "implausible", time.perf_counter() - t0)
-    return Registration(to_atlas, "ok", time.perf_counter() - t0)
+    return Registration(to_atlas, "ok", time.perf_counter() - t0, mi)
 
 
 def head_pose(atlas: Atlas, head: Head) -> np.ndarray:
@@ -266,33 +268,38 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
     can reach: a head pitched 25 degrees and rolled 12 was registered 40 mm off at the face."""
     f, f_affine = _coarse(fixed.solid, fixed.affine)
     m, m_affine = _coarse(moving.solid, moving.affine)
-    idx = torch.nonzero(f > 0).double()  # only voxels of the fixed outline count
-    weight = f[f > 0].double()
-    points = idx @ torch.from_numpy(f_affine[:3, :3]).T + torch.from_numpy(f_affine[:3, 3])
-    m_centre = torch.from_numpy(m_affine[:3, :3] @ np.argwhere(m.numpy() >= 0.5).mean(0) + m_affine[:3, 3])
-    to_m = torch.from_numpy(np.linalg.inv(m_affine))
-    size = torch.tensor(m.shape, dtype=torch.float64)
+    idx = torch.nonzero(f > 0).float()  # only voxels of the fixed outline count
+    weight = f[f > 0].float()
+    points = idx @ torch.from_numpy(f_affine[:3, :3]).float().T + torch.from_numpy(f_affine[:3, 3]).float()
+    m_centre = torch.from_numpy(m_affine[:3, :3] @ np.argwhere(m.numpy() >= 0.5).mean(0) + m_affine[:3, 3]).float()
+    to_m = torch.from_numpy(np.linalg.inv(m_affine)).float()
+    size = torch.tensor(m.shape, dtype=torch.float32)
     volume_m = float(m.sum())
-    start = torch.from_numpy(fixed.affine[:3, :3] @ np.argwhere(fixed.top).mean(0) + fixed.affine[:3, 3])
-    moving_grid = m[None, None].double()
+    start = torch.from_numpy(fixed.affine[:3, :3] @ np.argwhere(fixed.top).mean(0) + fixed.affine[:3, 3]).float()
+    moving_grid = m[None, None].float()
 
     def moving_index(rot: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vox = ((points - centre) @ rot.T + m_centre) @ to_m[:3, :3].T + to_m[:3, 3]  # rot: scale included
+        # ((points - centre) @ rot.T + m_centre) in moving voxels, as one linear map (rot: scale included)
+        linear = to_m[:3, :3] @ rot
+        offset = to_m[:3, :3] @ (m_centre - rot @ centre) + to_m[:3, 3]
+        vox = points @ linear.T + offset
         return vox, ((vox >= -0.5) & (vox <= size - 0.5)).all(1)
 
     def score(rot: np.ndarray, scale: float) -> tuple[float, np.ndarray]:
-        r, centre = torch.from_numpy(scale * rot), start
+        r, centre = torch.from_numpy(scale * rot).float(), start
         for _ in range(2):  # the fixed outline's centroid over the anatomy the moving grid covers
             _, inside = moving_index(r, centre)
             w = weight * inside
-            if float(w.sum()) < 1:
-                return 0.0, centre.numpy()
-            centre = (points * w[:, None]).sum(0) / w.sum()
+            total = float(w.sum())
+            if total < 1:
+                return 0.0, centre.numpy().astype(np.float64)
+            centre = (w @ points) / total
         vox, inside = moving_index(r, centre)
         grid = (vox / (size - 1) * 2 - 1).flip(-1)[None, :, None, None, :]  # grid_sample wants (z, y, x)
         sampled = torch.nn.functional.grid_sample(moving_grid, grid, align_corners=True)[0, 0, :, 0, 0]
         v = scale**3  # a fixed voxel's volume in moving voxels
-        return 2 * v * float((sampled * weight).sum()) / (v * float((weight * inside).sum()) + volume_m), centre.numpy()
+        return (2 * v * float(sampled @ weight) / (v * float(weight @ inside.float()) + volume_m),
+                centre.numpy().astype(np.float64))
 
     upright = score(np.eye(3), 1.0)
     best = (upright[0], np.eye(3), upright[1], 1.0)
@@ -314,7 +321,7 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
 
 
 def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), start: np.ndarray | None = None
-                  ) -> np.ndarray:
+                  ) -> tuple[np.ndarray, float]:
     """``register_head`` from ``start`` (fixed -> atlas world, e.g. ``rotation_search``'s; default:
     upright, the centroids aligned) then ``refine_on_brain``; when the result fits the intensities poorly
     (whole-head MI above ``RETRY_MI``), again from starts pitched by ``RETRY_PITCH_DEG``, keeping
@@ -335,7 +342,7 @@ def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), s
             mi = head_mi(fixed, atlas.head, candidate)
             if plausible(candidate) and mi < best_mi:
                 best, best_mi = candidate, mi
-    return best
+    return best, best_mi
 
 
 def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: float) -> torch.Tensor:  # noqa: F821

@@ -245,7 +245,7 @@ class Defacer:
         image, affine = canon.image[0].numpy(), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
-        reg_mi = head_mi(head, self.atlas.head, reg.to_atlas) if reg.to_atlas is not None else np.inf
+        reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
         if not (upright and reg_mi < RETRY_MI):
             # Not a well-fitting upright registration (every T1 head as scanned was one; the tilted

@@ -120,7 +120,8 @@ def test_registration_finds_a_pitched_head(monkeypatch, always_retry):
     pitch[:3, :3] = Rotation.from_euler("x", 20, degrees=True).as_matrix()
     grid = Grid(atlas.image.shape, atlas.affine)  # the pitched head, resampled onto an upright grid
     image = resample(torch.from_numpy(atlas.image)[None], pitch @ atlas.affine, grid)[0].numpy()
-    to_atlas = register_pose(Head(image, atlas.affine), atlas)
+    to_atlas, mi = register_pose(Head(image, atlas.affine), atlas)
+    assert np.isfinite(mi)
     u, _, vt = np.linalg.svd(to_atlas[:3, :3])
     # image world -> atlas world must undo the pitch: rotation(to_atlas) @ pitch ~ identity
     error = np.degrees(Rotation.from_matrix(u @ vt @ pitch[:3, :3]).magnitude())
@@ -222,3 +223,14 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     assert result.mask.sum() > 2000
     mni = voxel_world(upright.shape, upright.affine)  # Colin27's own grid is MNI
     assert face_region_mni(mni[result.mask], 13.0).all()
+
+
+def test_registration_reports_the_fit_it_was_chosen_by():
+    """``Registration.mi`` is the whole-head MI the wrapper compares fits by (it is not computed twice)."""
+    from deface.atlas import Head, head_mi
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(5.0, 0.0)
+    reg = register_atlas(atlas, image, affine)
+    assert reg.status == "ok"
+    assert reg.mi == pytest.approx(head_mi(Head(image, affine), atlas.head, reg.to_atlas), abs=1e-6)
