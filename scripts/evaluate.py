@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--mode", default="zero", help="how removed voxels are replaced (deface.MODES), e.g. reface")
     p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
+    p.add_argument("--ears", action="store_true", help="remove the ears too (deface-infer --ears)")
     p.add_argument("--post", nargs="*", default=[], metavar="KEY=VALUE",
                    help="postprocessing settings over the weights' (deface.postprocessing.PostprocessConfig)")
     p.add_argument("--attack", action="store_true", help="render-based re-identification columns")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     post = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.post)}
     defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None,
-                      post=post, mode=args.mode)
+                      post=post, mode=args.mode, ears=args.ears)
     print(f"postprocessing: {defacer.post}", file=sys.stderr)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
     subjects = list(args.subjects)
