@@ -28,10 +28,11 @@ from scipy import ndimage as ndi
 def agreement(reference: np.ndarray, atlas_brain: np.ndarray, spacing: float) -> tuple[float, float, float, float]:
     """(Dice, share of ``reference`` > 2 mm outside ``atlas_brain``, farthest outside in mm,
     mean mm of ``atlas_brain`` beyond ``reference``)."""
+    from deface.evaluation import dice
+
     outside = ndi.distance_transform_edt(~atlas_brain)[reference] * spacing
     beyond = ndi.distance_transform_edt(~reference)[atlas_brain] * spacing
-    dice = 2 * float((reference & atlas_brain).sum()) / max(float(reference.sum() + atlas_brain.sum()), 1.0)
-    return dice, float(np.mean(outside > 2.0)), float(outside.max(initial=0.0)), float(beyond.mean())
+    return dice(reference, atlas_brain), float(np.mean(outside > 2.0)), float(outside.max(initial=0.0)), float(beyond.mean())
 
 
 def main(argv: list[str] | None = None) -> int:
