@@ -30,12 +30,14 @@ def ear_region_mni(points: np.ndarray) -> np.ndarray:
     return (np.abs(x) >= EAR_MIN_X) & (y >= EAR_Y[0]) & (y <= EAR_Y[1]) & (z >= EAR_Z[0]) & (z <= EAR_Z[1])
 
 
-def face_region_mni(points: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+def face_region_mni(points: np.ndarray, margin_mm: float = 0.0, bottom_margin_mm: float | None = None) -> np.ndarray:
     """Whether MNI-space points (..., 3) lie in the face region (anterior-inferior wedge),
-    optionally grown by ``margin_mm`` backwards, upwards and downwards."""
+    optionally grown by ``margin_mm`` backwards and upwards, and by ``bottom_margin_mm``
+    (default ``margin_mm``) downwards."""
     y, z = points[..., 1], points[..., 2]
+    bottom = margin_mm if bottom_margin_mm is None else bottom_margin_mm
     boundary = np.interp(z, FACE_BOUNDARY_Z, FACE_BOUNDARY_Y)
-    return (y >= boundary - margin_mm) & (z <= FACE_TOP_Z + margin_mm) & (z >= FACE_BOTTOM_Z - margin_mm)
+    return (y >= boundary - margin_mm) & (z <= FACE_TOP_Z + margin_mm) & (z >= FACE_BOTTOM_Z - bottom)
 
 
 def voxel_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import (PostprocessConfig, canonical_masks, protect_also, remove_also, restrict_to,
+from deface.postprocessing import (PostprocessConfig, canonical_masks, grow, protect_also, remove_also, restrict_to,
                                   to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
@@ -288,21 +288,27 @@ class Defacer:
     def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor) -> DefaceResult:
         """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
         t0 = time.perf_counter()
-        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0])
         if self.atlas is not None and canon.registration == "off":
             raise ValueError("the atlas guard and --mode reface need the input from Defacer.prepare "
                              "(it registers the atlas)")
+        guard = support = None
+        if self.post.atlas and canon.to_atlas is not None:
+            from deface.atlas import brain_on_grid
+
+            guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
+            support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
+        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
         wants_ears = self.ears and canon.to_atlas is not None and not masks.brain_only
         guarded = self.post.atlas and canon.to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
         if guarded or wants_ears:
             from deface.anatomy import ear_region_mni, face_region_mni
-            from deface.atlas import atlas_points, brain_on_grid
+            from deface.atlas import atlas_points
 
             mni = atlas_points(canon.to_atlas, canon.grid)
         if guarded:
-            guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
             masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
-            masks = restrict_to(masks, torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm)))
+            allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
+            masks = restrict_to(masks, torch.from_numpy(allowed))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
                 tissue = (canon.image[0] > self.post.tissue_threshold) & canon.inside
                 masks = remove_also(masks, torch.from_numpy(face_region_mni(mni)) & tissue)
@@ -322,6 +328,7 @@ class Defacer:
             "brain_only": masks.brain_only,
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
+            "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),

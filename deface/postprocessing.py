@@ -10,7 +10,7 @@ canonical voxel at all, so no voxel of the dilated brain can change whatever the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -68,12 +68,22 @@ class PostprocessConfig:
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)
     # mapped through the same registration and grown by this margin: a face is where faces are.
     atlas_face_margin_mm: float = 10.0
+    # ... except downwards, far from any brain: an affine fitted to the top of the head places the
+    # chin least well (IXI 212: its chin and the front of its neck 20-50 mm below the region's
+    # bottom, so they were kept whatever the network found).
+    atlas_face_bottom_margin_mm: float = 60.0
     # ... and the head tissue inside that face region (no margin) is removed too, wherever nothing
     # protects it: the label definition itself, placed by the registration, completes a face the
     # network found only in part (the network missed 11 % of the labelled face surface on 10
     # held-out heads; the guards kept 7 %). On those heads: face surface kept median 0.179 -> 0.133,
     # 0 brain voxels changed (labels and deepbet), skull-stripped and tilted versions safe too.
     atlas_complete: bool = True
+    # With a registration, the network's brain is protected only in its largest connected piece and
+    # in pieces reaching within this distance of the registered atlas brain: a separate "brain" far
+    # from any brain is the network mistaking face for brain (IXI 212: 54 mL and 10 mL in the tongue
+    # and the floor of the mouth, 6 mm from nothing but face; its chin, lips and neck were kept).
+    # The registered atlas brain fits deepbet's to at most 12 mm (scripts/registration_accuracy.py).
+    atlas_brain_support_mm: float = 20.0
 
 
 @dataclass
@@ -83,6 +93,7 @@ class CanonicalMasks:
     face_ml: float
     face_found: bool
     brain_only: bool = False
+    brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the largest piece and the atlas's
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -184,13 +195,28 @@ def class_map(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def brain_pieces_near(brain: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """The largest connected piece of ``brain`` and every piece with a voxel in ``support``."""
+    lab, n = ndi.label(brain)
+    if n <= 1:
+        return brain
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[support & brain])] = True
+    keep[int(np.argmax(np.bincount(lab.ravel())[1:])) + 1] = True
+    keep[0] = False
+    return keep[lab]
+
+
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
-                    inside: torch.Tensor | None = None, image: torch.Tensor | None = None) -> CanonicalMasks:
+                    inside: torch.Tensor | None = None, image: torch.Tensor | None = None,
+                    brain_support: torch.Tensor | None = None) -> CanonicalMasks:
     """Removal and protection masks on the canonical grid from probabilities (C, X, Y, Z).
 
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
     tissue signal (an already defaced image has only air where a face was), and nothing is
-    removed from an image that looks brain-only (``looks_brain_only``).
+    removed from an image that looks brain-only (``looks_brain_only``). With ``brain_support``
+    (X, Y, Z; e.g. the registered atlas brain grown by ``atlas_brain_support_mm``), only the
+    network brain's largest piece and the pieces reaching into the support are protected.
     """
     labels = class_map(probs)
     voxel_ml = spacing**3 / 1000.0
@@ -205,35 +231,38 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
         face = keep_components_touching(face, air)
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
+    dropped_ml = 0.0
+    if brain_support is not None:
+        kept = torch.from_numpy(brain_pieces_near(brain_like.numpy(), brain_support.numpy()))
+        dropped_ml = float((brain_like & ~kept).sum()) * voxel_ml
+        brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
     brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg)
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
-    return CanonicalMasks(remove_t, protect, face_ml, True)
+    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml)
 
 
 def protect_also(masks: CanonicalMasks, brain: torch.Tensor, margin_mm: float, spacing: float) -> CanonicalMasks:
     """``masks`` with a second brain estimate (e.g. the registered atlas) dilated and protected."""
     extra = grow(brain, margin_mm, spacing)
-    return CanonicalMasks(masks.remove & ~extra, masks.protect | extra, masks.face_ml, masks.face_found,
-                          masks.brain_only)
+    return replace(masks, remove=masks.remove & ~extra, protect=masks.protect | extra)
 
 
 def restrict_to(masks: CanonicalMasks, allowed: torch.Tensor) -> CanonicalMasks:
     """``masks`` with removal limited to ``allowed`` (e.g. the registered face region)."""
-    return CanonicalMasks(masks.remove & allowed, masks.protect, masks.face_ml, masks.face_found, masks.brain_only)
+    return replace(masks, remove=masks.remove & allowed)
 
 
 def remove_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:
     """``masks`` with ``region`` removed as well (e.g. the registered ears), never where protected."""
-    return CanonicalMasks(masks.remove | (region & ~masks.protect), masks.protect, masks.face_ml, masks.face_found,
-                          masks.brain_only)
+    return replace(masks, remove=masks.remove | (region & ~masks.protect))
 
 
 def native_box(mask: torch.Tensor, canonical: Grid, native: Grid, pad: int = 2) -> tuple[slice, slice, slice] | None:

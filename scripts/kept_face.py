@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
         atlas = grow(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
                      cfg.atlas_margin_mm, d.spacing).numpy()
-        zone = face_region_mni(atlas_points(canon.to_atlas, canon.grid), cfg.atlas_face_margin_mm)
+        zone = face_region_mni(atlas_points(canon.to_atlas, canon.grid), cfg.atlas_face_margin_mm,
+                               cfg.atlas_face_bottom_margin_mm)
         network = masks.protect.numpy()
         wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
         removed = masks.remove.numpy() & ~atlas & zone

@@ -97,7 +97,7 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     assert result.mask.sum() > 5000
     atlas_mm = voxel_world(img.shape, canon.to_atlas @ img.affine)
     # Native voxels straddle the 2 mm canonical voxels they come from: allow 3 mm more.
-    assert face_region_mni(atlas_mm[result.mask], 13.0).all()
+    assert face_region_mni(atlas_mm[result.mask], 13.0, 63.0).all()
     greedy = greedy_probs(canon)[FACE].bool().numpy()
     world = voxel_world(canon.grid.shape, canon.to_atlas @ canon.grid.affine)
     assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more
@@ -222,7 +222,7 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     assert not result.mask[frontal_voxels(upright)].any()  # same array: same voxels
     assert result.mask.sum() > 2000
     mni = voxel_world(upright.shape, upright.affine)  # Colin27's own grid is MNI
-    assert face_region_mni(mni[result.mask], 13.0).all()
+    assert face_region_mni(mni[result.mask], 13.0, 63.0).all()
 
 
 def test_registration_reports_the_fit_it_was_chosen_by():

@@ -129,3 +129,15 @@ def test_ddp_training_with_two_cpu_processes(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size: 2" in proc.stderr or "MEMBER: 2/2" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_label_check_flags_a_brain_label_an_extractor_disagrees_with():
+    from deface.data.label_check import check_against
+
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[8:32, 8:32, 10:34] = 2
+    extractor = labels == 2
+    extractor[8:10] = False  # a brain label with its CSF rim is a little larger: no flag
+    assert check_against(labels, extractor) == []
+    shifted = np.roll(labels == 2, 9, axis=1)  # a registration that put the brain into the orbits
+    assert "Dice" in check_against(labels, shifted)[0]

@@ -347,3 +347,47 @@ def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     grown = grow(torch.from_numpy(brain), margin_mm, spacing).numpy()
     distance = ndi.distance_transform_edt(~brain)  # voxels to the nearest brain voxel
     assert np.array_equal(grown, distance <= np.ceil(margin_mm / spacing))
+
+
+def test_network_brain_far_from_the_atlas_brain_is_not_protected():
+    """A separate piece of network "brain" with no voxel near the registered atlas brain (the
+    tongue of IXI 212) protects nothing; the largest piece is protected wherever it lies."""
+    from deface.postprocessing import PostprocessConfig, canonical_masks, grow
+
+    shape = (24, 30, 26)
+    probs = torch.zeros((3, *shape))
+    probs[0] = 1.0
+    image = torch.full(shape, 0.5)
+    image[:, 24:] = 0.0  # air in front (+y)
+    brain = torch.zeros(shape, dtype=torch.bool)
+    brain[4:20, 2:14, 8:24] = True  # the brain
+    blob = torch.zeros(shape, dtype=torch.bool)
+    blob[10:13, 19:21, 2:5] = True  # a small far "brain" inside the face
+    face = torch.zeros(shape, dtype=torch.bool)
+    face[:, 17:24, :] = True
+    for mask, c in ((face & ~blob, FACE), (brain | blob, BRAIN)):
+        probs[:, mask] = 0.0
+        probs[c, mask] = 1.0
+    cfg = PostprocessConfig(brain_margin_mm=4.0, min_face_ml=0.1, min_component_ml=0.01, min_air_ml=0.01)
+    plain = canonical_masks(probs, 2.0, cfg, image=image)
+    atlas_brain = torch.zeros(shape, dtype=torch.bool)
+    atlas_brain[5:19, 3:13, 9:23] = True
+    support = atlas_brain  # the atlas brain, not grown: the blob lies 6 voxels from it
+    guarded = canonical_masks(probs, 2.0, cfg, image=image, brain_support=support)
+    around = grow(blob, 4.0, 2.0) & face & ~blob  # face the blob's margin kept
+    assert plain.protect[blob].all() and not plain.remove[around].any() and plain.brain_dropped_ml == 0.0
+    assert not guarded.protect[blob].any() and guarded.remove[around].all()
+    assert guarded.brain_dropped_ml == pytest.approx(float(blob.sum()) * 8 / 1000)
+    assert guarded.protect[brain].all() and not guarded.remove[brain].any()
+    far_support = torch.zeros(shape, dtype=torch.bool)  # a registration far off: the largest piece stays
+    far_support[0, 29, 0] = True
+    assert canonical_masks(probs, 2.0, cfg, image=image, brain_support=far_support).protect[brain].all()
+
+
+def test_face_region_grows_downwards_by_its_own_margin():
+    from deface.anatomy import FACE_BOTTOM_Z, face_region_mni
+
+    chin = np.array([[0.0, 60.0, FACE_BOTTOM_Z - 30.0]])
+    assert not face_region_mni(chin, 10.0)[0]
+    assert face_region_mni(chin, 10.0, 40.0)[0]
+    assert not face_region_mni(np.array([[0.0, -20.0, FACE_BOTTOM_Z - 30.0]]), 10.0, 40.0)[0]  # not backwards

@@ -66,3 +66,25 @@ def test_missing_data_folder_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "out"), "--data-root", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data-root" in err and not (tmp_path / "out").exists()
+
+
+def test_second_opinion_replaces_a_labelling_registration_that_fits_worse():
+    """A labelling transform 25 mm off gives way to the wrapper's registration of the same head."""
+    from deface.atlas import Head
+    from deface.data.labeller import better_fit
+    from deface.preprocessing import to_canonical
+
+    atlas = Atlas.load()
+    shape = (72, 84, 80)
+    affine = oblique_affine(shape, (2.5, 2.3, 2.4), angle_deg=15.0)
+    grid = Grid(shape, affine)
+    image = resample(torch.from_numpy(atlas.image)[None], atlas.affine, grid)[0].numpy()
+    canon = to_canonical(image, affine)
+    fixed = Head(canon.image[0].numpy(), canon.grid.affine)
+    off = np.eye(4)
+    off[2, 3] = 25.0  # the labelling registration put the brain 25 mm too low
+    chosen = better_fit(image, affine, fixed, off)
+    assert not np.allclose(chosen, off)
+    centre = np.append(affine[:3, :3] @ (np.array(shape) / 2) + affine[:3, 3], 1.0)
+    assert np.linalg.norm(chosen @ centre - centre) < 5.0  # the head is already in atlas space
+    assert np.allclose(better_fit(image, affine, fixed, chosen), chosen)  # a good fit is kept

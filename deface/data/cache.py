@@ -69,18 +69,28 @@ def store_real(data: np.ndarray, affine: np.ndarray, labels: np.ndarray, to_mni:
 
 
 def label_extra_head(args: tuple[Path, Path, Path]) -> tuple[str, dict]:
-    """Label one heads_extra file into the cache (a worker process): (cache name, index entry)."""
+    """Label one heads_extra file into the cache (a worker process): (cache name, index entry).
+    ``args``: (file, shared data folder, cache folder, where the brain class comes from: "atlas"
+    (the registered atlas brain) or a brain extractor of ``deface.evaluation.BRAIN_EXTRACTORS``)."""
     import nibabel as nib
 
     from deface.data.label_check import check_labels
     from deface.data.labeller import FAST_SHRINK, label_scan
 
-    path, root, out = args
+    path, root, out, brain_from = args
     name = path.name.split(".")[0]
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj, dtype=np.float32)
-    labels, to_mni = label_scan(data, img.affine, root, template="brainweb", shrink=FAST_SHRINK)
+    brain = None
+    if brain_from != "atlas":  # an extractor that ships its model (evaluation extra), at labelling time only
+        from deface.data.labeller import head_mask
+        from deface.evaluation import independent_brain
+
+        brain = independent_brain(data, img.affine, brain_from) & head_mask(data, np.sqrt((img.affine[:3, :3] ** 2).sum(0)))
+    labels, to_mni = label_scan(data, img.affine, root, brain=brain, template="brainweb", shrink=FAST_SHRINK,
+                                second_opinion=True)
     lab, affine, entry = store_real(data, img.affine, labels, to_mni, name, str(path.relative_to(root)), out)
+    entry["brain_label"] = brain_from
     counts = np.bincount(lab.ravel(), minlength=3)
     entry.update(face_ml=round(float(counts[1]) / 1000, 1), brain_ml=round(float(counts[2]) / 1000, 1),
                  flags=check_labels(lab, affine))
@@ -88,19 +98,22 @@ def label_extra_head(args: tuple[Path, Path, Path]) -> tuple[str, dict]:
 
 
 def build_extra(root: Path, out: Path, workers: int = 2, only_missing: bool = True,
-                first: tuple[str, ...] = ()) -> dict:
+                first: tuple[str, ...] = (), only: tuple[str, ...] = (), brain_from: str = "atlas") -> dict:
     """Label every head of ``root/heads_extra`` into ``out`` with ``workers`` processes (files whose
-    name starts with one of ``first`` first); index entries, written to the index as they come."""
+    name starts with one of ``first`` first; with ``only``, just the files whose stem is listed, again
+    if already there); index entries, written to the index as they come."""
     import multiprocessing as mp
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "qc").mkdir(exist_ok=True)
     paths = sorted((root / EXTRA_DIR).glob("*.nii.gz"), key=lambda p: (not p.name.startswith(first), p.name))
-    if only_missing:
+    if only:
+        paths = [p for p in paths if p.name.split(".")[0] in only]
+    elif only_missing:
         paths = [p for p in paths if not (out / f"real_{p.name.split('.')[0]}.npz").exists()]
     index = {}
     with mp.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
-        for name, entry in pool.imap_unordered(label_extra_head, [(p, root, out) for p in paths]):
+        for name, entry in pool.imap_unordered(label_extra_head, [(p, root, out, brain_from) for p in paths]):
             index[name] = entry
             _update_index(out, {name: entry})
             log.info("%s: face %.0f mL, brain %.0f mL %s", name, entry["face_ml"], entry["brain_ml"],
@@ -161,13 +174,17 @@ def build_cache(root: Path, out: Path, heads: list[str] | None = None, brainweb:
 
 def check_cache(out: Path, sheet: Path | None = None, columns: int = 12, sheet_only: str = "real_*"
                 ) -> dict[str, list[str]]:
-    """Re-run the label check (deface.data.label_check) on every real head of the cache, store
+    """Re-run the label check (deface.data.label_check) on every real head of the cache (and against
+    the independent brain masks that ``scripts/evaluate.py --independent`` cached there), store
     the flags in its index, and optionally draw a contact sheet of the heads matching
     ``sheet_only`` (a glob: pictures of research-use-only scans must not go into docs/): one
     sagittal slice through the face of each, face red and brain cyan, flagged heads titled in red."""
     import fnmatch
 
-    from deface.data.label_check import check_labels
+    import nibabel as nib
+
+    from deface.data.label_check import check_against, check_labels
+    from deface.evaluation import BRAIN_EXTRACTORS
 
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
@@ -177,6 +194,10 @@ def check_cache(out: Path, sheet: Path | None = None, columns: int = 12, sheet_o
         z = np.load(f)
         labels, affine = z["labels"], z["affine"]
         flags[f.stem] = check_labels(labels, affine)
+        for tool in BRAIN_EXTRACTORS:  # masks cached by scripts/evaluate.py --independent
+            mask = out / "independent" / f"{f.stem}_{tool}.nii.gz"
+            if mask.exists():
+                flags[f.stem] += check_against(labels, np.asarray(nib.load(str(mask)).dataobj) > 0, tool)
         index.setdefault(f.stem, {"kind": "real"})["flags"] = flags[f.stem]
         if sheet is not None and fnmatch.fnmatch(f.stem, sheet_only):
             face = np.argwhere(labels == 1)
@@ -230,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"label the {EXTRA_DIR}/ heads only (those not yet in the cache), in --workers processes")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--first", nargs="*", default=[], help="with --extra: label files starting with these first")
+    p.add_argument("--relabel", nargs="*", default=[], metavar="STEM",
+                   help=f"label these {EXTRA_DIR}/ files again (e.g. ixi212_t1), replacing their cache entries")
+    p.add_argument("--brain-from", default="atlas", choices=["atlas", "deepbet", "robex"],
+                   help="with --extra/--relabel: the brain class from the registered atlas (default) or from a "
+                        "brain extractor installed for evaluation (pip install deepbet), at labelling time only")
     p.add_argument("--check", action="store_true", help="re-run the label check on the cache's real heads")
     p.add_argument("--sheet", type=Path, default=None, help="with --check: write a contact sheet PNG here")
     p.add_argument("--sheet-only", default="real_*", help="heads on the sheet (glob), e.g. 'real_ixi*' for docs/")
@@ -243,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {'; '.join(reasons)}")
         print(f"{len(flags)} real heads checked, {len(bad)} flagged (left out of training)")
         return 0
-    if args.extra:
-        build_extra(root, args.out, args.workers, first=tuple(args.first))
+    if args.extra or args.relabel:
+        build_extra(root, args.out, args.workers, first=tuple(args.first), only=tuple(args.relabel),
+                    brain_from=args.brain_from)
         return 0
     build_cache(root, args.out, args.heads, not args.no_brainweb)
     return 0

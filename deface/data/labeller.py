@@ -78,13 +78,17 @@ def mni_brain_prior(root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarray | None = None,
                prior: tuple[np.ndarray, np.ndarray] | None = None, template: str = "mni152",
-               shrink: tuple[int, ...] = SHRINK) -> tuple[np.ndarray, np.ndarray]:
+               shrink: tuple[int, ...] = SHRINK, second_opinion: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Labels (uint8, on the scan's grid) and the scan -> MNI affine for a 3D scan.
 
     ``template``: "mni152" (the FSL MNI152 T1 head under ``root``, independent of the wrapper's
     atlas guard, so evaluations against these labels are not circular) or "brainweb" (the
     wrapper's shipped BrainWeb atlas; fits heads where the MNI152 registration does not, e.g.
     the IXI scans, whose MNI152 brain label reached into the orbits).
+    ``second_opinion`` (brainweb only): the scan is also registered as the wrapper registers it
+    (``Defacer.prepare``: pose search, pitched retries) and the transform whose intensities fit the
+    atlas better is kept (IXI 212's labelling registration put its brain into the orbits and its
+    face label on the neck; the wrapper's fit deepbet's brain at Dice 0.95).
     """
     import nibabel as nib
     import torch
@@ -109,6 +113,8 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     to_mni, _ = register_head(fixed_head, moving_head, shrink=shrink)
     prior = prior if prior is not None else mni_brain_prior(root)
     to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior, shrink=shrink)
+    if second_opinion and template == "brainweb":
+        to_mni = better_fit(data, affine, fixed_head, to_mni)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     head = head_mask(data, spacing)
     if brain is None:
@@ -118,6 +124,23 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
                           Grid(tuple(data.shape[:3]), affine))[0].numpy()
         brain = (warped >= 0.5) & head
     return compose_labels(head, brain.astype(bool), to_mni, affine), to_mni
+
+
+def better_fit(data: np.ndarray, affine: np.ndarray, fixed: Head, to_atlas: np.ndarray) -> np.ndarray:
+    """``to_atlas`` or the wrapper's own registration of the scan, whichever fits the shipped
+    atlas's intensities better (``atlas.head_mi`` on ``fixed``, the scan's canonical head)."""
+    import nibabel as nib
+
+    from deface.atlas import head_mi
+    from deface.inference import Defacer
+
+    defacer = Defacer(device="cpu")
+    _, canon = defacer.prepare(nib.Nifti1Image(np.asarray(data, np.float32), affine))
+    if canon.to_atlas is None:
+        return to_atlas
+    mine, theirs = head_mi(fixed, defacer.atlas.head, to_atlas), head_mi(fixed, defacer.atlas.head, canon.to_atlas)
+    log.info("labelling registration MI %.3f, the wrapper's %.3f", mine, theirs)
+    return canon.to_atlas if theirs < mine else to_atlas
 
 
 def qc_png(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: Path, title: str = "") -> None:
