@@ -78,12 +78,16 @@ class PostprocessConfig:
     # held-out heads; the guards kept 7 %). On those heads: face surface kept median 0.179 -> 0.133,
     # 0 brain voxels changed (labels and deepbet), skull-stripped and tilted versions safe too.
     atlas_complete: bool = True
-    # With a registration, the network's brain is protected only in its largest connected piece and
-    # in pieces reaching within this distance of the registered atlas brain: a separate "brain" far
-    # from any brain is the network mistaking face for brain (IXI 212: 54 mL and 10 mL in the tongue
-    # and the floor of the mouth, 6 mm from nothing but face; its chin, lips and neck were kept).
-    # The registered atlas brain fits deepbet's to at most 12 mm (scripts/registration_accuracy.py).
+    # With a registration that agrees with the network (at least ``atlas_brain_agreement`` of the
+    # network's brain within this distance of the registered atlas brain), the network's brain is
+    # protected only within that distance: "brain" far from any brain is the network mistaking face
+    # for brain (IXI 212: 55 mL in the tongue and the floor of the mouth, keeping its lips and chin;
+    # the NiChart s19 T1, pitched far down: "brain" down the front of its face). The registered atlas
+    # brain fits deepbet's to at most 12 mm (scripts/registration_accuracy.py). Where they disagree,
+    # the network's brain is protected whole, wherever it lies, unless it is larger than any brain
+    # (``brain_only_max_brain_ml``; the s19 T1: 3.3 L): then the network is the one confused.
     atlas_brain_support_mm: float = 20.0
+    atlas_brain_agreement: float = 0.9
 
 
 @dataclass
@@ -93,7 +97,7 @@ class CanonicalMasks:
     face_ml: float
     face_found: bool
     brain_only: bool = False
-    brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the largest piece and the atlas's
+    brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the registered atlas brain
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -195,18 +199,6 @@ def class_map(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def brain_pieces_near(brain: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """The largest connected piece of ``brain`` and every piece with a voxel in ``support``."""
-    lab, n = ndi.label(brain)
-    if n <= 1:
-        return brain
-    keep = np.zeros(n + 1, bool)
-    keep[np.unique(lab[support & brain])] = True
-    keep[int(np.argmax(np.bincount(lab.ravel())[1:])) + 1] = True
-    keep[0] = False
-    return keep[lab]
-
-
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                     inside: torch.Tensor | None = None, image: torch.Tensor | None = None,
                     brain_support: torch.Tensor | None = None) -> CanonicalMasks:
@@ -215,8 +207,9 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
     tissue signal (an already defaced image has only air where a face was), and nothing is
     removed from an image that looks brain-only (``looks_brain_only``). With ``brain_support``
-    (X, Y, Z; e.g. the registered atlas brain grown by ``atlas_brain_support_mm``), only the
-    network brain's largest piece and the pieces reaching into the support are protected.
+    (X, Y, Z; e.g. the registered atlas brain grown by ``atlas_brain_support_mm``) holding at least
+    ``atlas_brain_agreement`` of the network's brain (or with a network "brain" larger than
+    ``brain_only_max_brain_ml``), only the network's brain within it is protected.
     """
     labels = class_map(probs)
     voxel_ml = spacing**3 / 1000.0
@@ -232,10 +225,12 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     dropped_ml = 0.0
-    if brain_support is not None:
-        kept = torch.from_numpy(brain_pieces_near(brain_like.numpy(), brain_support.numpy()))
-        dropped_ml = float((brain_like & ~kept).sum()) * voxel_ml
-        brain_like = kept
+    if brain_support is not None and brain_like.any():
+        kept = brain_like & brain_support
+        confused = float(brain_like.sum()) * voxel_ml > cfg.brain_only_max_brain_ml  # more than any brain
+        if confused or float(kept.sum()) >= cfg.atlas_brain_agreement * float(brain_like.sum()):
+            dropped_ml = float((brain_like & ~kept).sum()) * voxel_ml
+            brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
     brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg)

@@ -350,8 +350,8 @@ def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
 
 
 def test_network_brain_far_from_the_atlas_brain_is_not_protected():
-    """A separate piece of network "brain" with no voxel near the registered atlas brain (the
-    tongue of IXI 212) protects nothing; the largest piece is protected wherever it lies."""
+    """Network "brain" far from the registered atlas brain (the tongue of IXI 212) protects nothing
+    when the two agree elsewhere; when they do not (a registration far off), all of it is protected."""
     from deface.postprocessing import PostprocessConfig, canonical_masks, grow
 
     shape = (24, 30, 26)
@@ -362,26 +362,31 @@ def test_network_brain_far_from_the_atlas_brain_is_not_protected():
     brain = torch.zeros(shape, dtype=torch.bool)
     brain[4:20, 2:14, 8:24] = True  # the brain
     blob = torch.zeros(shape, dtype=torch.bool)
-    blob[10:13, 19:21, 2:5] = True  # a small far "brain" inside the face
+    blob[10:13, 19:21, 2:5] = True  # a small "brain" inside the face, joined to the brain by a strand
+    strand = torch.zeros(shape, dtype=torch.bool)
+    strand[11, 13:20, 3:9] = True
     face = torch.zeros(shape, dtype=torch.bool)
     face[:, 17:24, :] = True
-    for mask, c in ((face & ~blob, FACE), (brain | blob, BRAIN)):
+    for mask, c in ((face & ~blob & ~strand, FACE), (brain | blob | strand, BRAIN)):
         probs[:, mask] = 0.0
         probs[c, mask] = 1.0
     cfg = PostprocessConfig(brain_margin_mm=4.0, min_face_ml=0.1, min_component_ml=0.01, min_air_ml=0.01)
     plain = canonical_masks(probs, 2.0, cfg, image=image)
-    atlas_brain = torch.zeros(shape, dtype=torch.bool)
-    atlas_brain[5:19, 3:13, 9:23] = True
-    support = atlas_brain  # the atlas brain, not grown: the blob lies 6 voxels from it
+    support = torch.zeros(shape, dtype=torch.bool)
+    support[3:21, 1:15, 7:25] = True  # the atlas brain grown: holds the brain, not the blob
     guarded = canonical_masks(probs, 2.0, cfg, image=image, brain_support=support)
-    around = grow(blob, 4.0, 2.0) & face & ~blob  # face the blob's margin kept
+    around = grow(blob, 4.0, 2.0) & face & ~blob & ~grow(brain | strand, 4.0, 2.0)  # face only the blob kept
+    assert around.any()
     assert plain.protect[blob].all() and not plain.remove[around].any() and plain.brain_dropped_ml == 0.0
     assert not guarded.protect[blob].any() and guarded.remove[around].all()
-    assert guarded.brain_dropped_ml == pytest.approx(float(blob.sum()) * 8 / 1000)
+    assert guarded.brain_dropped_ml == pytest.approx(float(((brain | blob | strand) & ~support).sum()) * 8 / 1000)
     assert guarded.protect[brain].all() and not guarded.remove[brain].any()
-    far_support = torch.zeros(shape, dtype=torch.bool)  # a registration far off: the largest piece stays
-    far_support[0, 29, 0] = True
-    assert canonical_masks(probs, 2.0, cfg, image=image, brain_support=far_support).protect[brain].all()
+    far_support = torch.zeros(shape, dtype=torch.bool)  # a registration far off: the network is believed
+    far_support[0:3, 25:30, 0:3] = True
+    far = canonical_masks(probs, 2.0, cfg, image=image, brain_support=far_support)
+    assert far.protect[brain | blob].all() and far.brain_dropped_ml == 0.0
+    huge = dataclasses.replace(cfg, brain_only_max_brain_ml=1.0)  # a network "brain" larger than any brain
+    assert canonical_masks(probs, 2.0, huge, image=image, brain_support=support).brain_dropped_ml > 0
 
 
 def test_face_region_grows_downwards_by_its_own_margin():
