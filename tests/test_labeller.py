@@ -87,4 +87,4 @@ def test_second_opinion_replaces_a_labelling_registration_that_fits_worse():
     assert not np.allclose(chosen, off)
     centre = np.append(affine[:3, :3] @ (np.array(shape) / 2) + affine[:3, 3], 1.0)
     assert np.linalg.norm(chosen @ centre - centre) < 5.0  # the head is already in atlas space
-    assert np.allclose(better_fit(image, affine, fixed, chosen), chosen)  # a good fit is kept
+    assert np.allclose(better_fit(image, affine, fixed, chosen), chosen, atol=1e-3)  # a good fit stays
