@@ -111,14 +111,22 @@ def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
     return (x > 0)[0, 0]
 
 
+MAX_BALL_VOX = 4  # ``grow`` convolves a ball up to this radius (faster than the distance transform there)
+
+
 def grow(mask: torch.Tensor, margin_mm: float, spacing: float) -> torch.Tensor:
     """``mask`` grown by ``margin_mm`` in Euclidean distance: every voxel whose centre lies within
     ``ceil(margin_mm / spacing)`` voxels of a mask voxel's centre (a ball, not ``dilate``'s cube,
     whose corners reach sqrt(3) times as far: a "6 mm" cube kept skin up to 10 mm from the brain).
-    The protection margins use it."""
+    The protection margins use it; wide ones (the atlas brain's 20 mm support) through a distance
+    transform, whose cost does not grow with the radius (a 10-voxel ball convolved: 6 s on 2 cores)."""
     r = int(np.ceil(margin_mm / spacing))
     if r <= 0:
         return mask
+    if r > MAX_BALL_VOX:
+        if not bool(mask.any()):
+            return mask.clone()
+        return torch.from_numpy(ndi.distance_transform_edt(~mask.numpy()) <= r)
     offsets = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
     ball = torch.from_numpy(((offsets**2).sum(0) <= r * r).astype(np.float32))[None, None]
     return (F.conv3d(mask.float()[None, None], ball, padding=r) > 0.5)[0, 0]

@@ -334,7 +334,7 @@ def test_class_map_is_argmax_with_ties_to_the_first_class():
     assert torch.equal(class_map(probs), probs.argmax(0))
 
 
-@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5)])
+@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5), (20.0, 2.0)])
 def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     """The brain grows by the margin in every direction, diagonals included, and no further."""
     from scipy import ndimage as ndi
@@ -347,6 +347,7 @@ def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     grown = grow(torch.from_numpy(brain), margin_mm, spacing).numpy()
     distance = ndi.distance_transform_edt(~brain)  # voxels to the nearest brain voxel
     assert np.array_equal(grown, distance <= np.ceil(margin_mm / spacing))
+    assert not grow(torch.zeros(5, 6, 7, dtype=torch.bool), margin_mm, spacing).any()  # nothing grows from nothing
 
 
 def test_network_brain_far_from_the_atlas_brain_is_not_protected():

@@ -86,7 +86,8 @@ def label_extra_head(args: tuple[Path, Path, Path]) -> tuple[str, dict]:
         from deface.data.labeller import head_mask
         from deface.evaluation import independent_brain
 
-        brain = independent_brain(data, img.affine, brain_from) & head_mask(data, np.sqrt((img.affine[:3, :3] ** 2).sum(0)))
+        spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+        brain = independent_brain(data, img.affine, brain_from) & head_mask(data, spacing)
     labels, to_mni = label_scan(data, img.affine, root, brain=brain, template="brainweb", shrink=FAST_SHRINK,
                                 second_opinion=True)
     lab, affine, entry = store_real(data, img.affine, labels, to_mni, name, str(path.relative_to(root)), out)
@@ -241,6 +242,7 @@ def load_subject(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     from deface.data.labeller import shared_data_root
+    from deface.evaluation import BRAIN_EXTRACTORS
 
     p = argparse.ArgumentParser(description="Build the training cache from the shared data folder.")
     p.add_argument("-o", "--out", type=Path, default=Path("data_cache"))
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", nargs="*", default=[], help="with --extra: label files starting with these first")
     p.add_argument("--relabel", nargs="*", default=[], metavar="STEM",
                    help=f"label these {EXTRA_DIR}/ files again (e.g. ixi212_t1), replacing their cache entries")
-    p.add_argument("--brain-from", default="atlas", choices=["atlas", "deepbet", "robex"],
+    p.add_argument("--brain-from", default="atlas", choices=["atlas", *BRAIN_EXTRACTORS],
                    help="with --extra/--relabel: the brain class from the registered atlas (default) or from a "
                         "brain extractor installed for evaluation (pip install deepbet), at labelling time only")
     p.add_argument("--check", action="store_true", help="re-run the label check on the cache's real heads")

@@ -62,7 +62,7 @@ def check_against(labels: np.ndarray, brain: np.ndarray, tool: str = "deepbet") 
 
     The atlas-propagated brain label includes CSF and dura, so it is larger than an extractor's
     brain; a registration that put the brain into the orbits is still caught."""
-    label = labels == BRAIN
-    total = int(label.sum() + brain.sum())
-    agreement = 2.0 * float((label & brain).sum()) / total if total else 1.0
-    return [] if agreement >= MIN_BRAIN_DICE else [f"brain label vs {tool} Dice {agreement:.3f} < {MIN_BRAIN_DICE}"]
+    from deface.evaluation import dice
+
+    agreement = dice(labels == BRAIN, brain)  # nan (both empty) is no disagreement
+    return [f"brain label vs {tool} Dice {agreement:.3f} < {MIN_BRAIN_DICE}"] if agreement < MIN_BRAIN_DICE else []

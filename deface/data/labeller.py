@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -126,15 +127,22 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     return compose_labels(head, brain.astype(bool), to_mni, affine), to_mni
 
 
+@functools.lru_cache(maxsize=1)
+def _registering_defacer():
+    """One ``Defacer`` per process for ``better_fit`` (its weights are hashed and loaded once)."""
+    from deface.inference import Defacer
+
+    return Defacer(device="cpu")
+
+
 def better_fit(data: np.ndarray, affine: np.ndarray, fixed: Head, to_atlas: np.ndarray) -> np.ndarray:
     """``to_atlas`` or the wrapper's own registration of the scan, whichever fits the shipped
     atlas's intensities better (``atlas.head_mi`` on ``fixed``, the scan's canonical head)."""
     import nibabel as nib
 
     from deface.atlas import head_mi
-    from deface.inference import Defacer
 
-    defacer = Defacer(device="cpu")
+    defacer = _registering_defacer()
     _, canon = defacer.prepare(nib.Nifti1Image(np.asarray(data, np.float32), affine))
     if canon.to_atlas is None:
         return to_atlas
