@@ -198,6 +198,7 @@ def test_a_turned_canonical_grid_covers_the_field_of_view():
     assert world_bbox(grid)[0].shape == (3,)
 
 
+@pytest.mark.slow  # registration from a far pose: ~20-40 s on 2 cores
 def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     """The example head (Colin27, in MNI space) pitched 35 and rolled 15 degrees in world space: the
     wrapper finds the pose, the network sees a grid turned upright, and a network that calls all

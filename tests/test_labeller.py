@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from deface.atlas import Atlas
@@ -14,6 +15,7 @@ from deface.preprocessing import Grid, resample
 from tests.conftest import oblique_affine
 
 
+@pytest.mark.slow  # registration from a far pose: ~20-40 s on 2 cores
 def test_labeller_recovers_an_oblique_head(tmp_path):
     atlas = Atlas.load()
     shape = (72, 84, 80)
@@ -68,6 +70,7 @@ def test_missing_data_folder_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--data-root" in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # registration from a far pose: ~20-40 s on 2 cores
 def test_second_opinion_replaces_a_labelling_registration_that_fits_worse():
     """A labelling transform 25 mm off gives way to the wrapper's registration of the same head."""
     from deface.atlas import Head
