@@ -63,8 +63,11 @@ class PostprocessConfig:
     # reached 6.9 mm diagonally): with cubes, 4 mm left 0 brain voxels changed on the held-out heads;
     # with balls, 4 mm changed 6 labelled brain voxels of the tilted stroke T2 (its network brain
     # Dice 0.67, so the atlas does the work there) and 6 mm none, the closest change 1.4 mm from
-    # the labelled brain (docs/evaluation.md, 2026-12-03).
-    atlas_margin_mm: float = 6.0
+    # the labelled brain (docs/evaluation.md, 2026-12-03). At 6 mm this margin kept the brows and
+    # upper lids (most of the face surface left: IXI 052, 383, 484, 544, 572, the s20 FLAIR); 5 mm
+    # (not rounded up to 6 on the 2 mm grid any more) is where 0 brain voxels changed still held on
+    # the 34 validation heads, against the labels and deepbet (docs/evaluation.md, 2026-12-03 (d)).
+    atlas_margin_mm: float = 5.0
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)
     # mapped through the same registration and grown by this margin: a face is where faces are.
     atlas_face_margin_mm: float = 10.0
@@ -116,19 +119,22 @@ MAX_BALL_VOX = 4  # ``grow`` convolves a ball up to this radius (faster than the
 
 def grow(mask: torch.Tensor, margin_mm: float, spacing: float) -> torch.Tensor:
     """``mask`` grown by ``margin_mm`` in Euclidean distance: every voxel whose centre lies within
-    ``ceil(margin_mm / spacing)`` voxels of a mask voxel's centre (a ball, not ``dilate``'s cube,
-    whose corners reach sqrt(3) times as far: a "6 mm" cube kept skin up to 10 mm from the brain).
-    The protection margins use it; wide ones (the atlas brain's 20 mm support) through a distance
-    transform, whose cost does not grow with the radius (a 10-voxel ball convolved: 6 s on 2 cores)."""
-    r = int(np.ceil(margin_mm / spacing))
+    ``margin_mm`` of a mask voxel's centre (a ball, not ``dilate``'s cube, whose corners reach
+    sqrt(3) times as far: a "6 mm" cube kept skin up to 10 mm from the brain). Margins that are not
+    a multiple of ``spacing`` are not rounded up (5 mm on a 2 mm grid reaches (2, 1, 0) voxels away,
+    not (3, 0, 0)). The protection margins use it; wide ones (the atlas brain's 20 mm support)
+    through a distance transform, whose cost does not grow with the radius (a 10-voxel ball
+    convolved: 6 s on 2 cores)."""
+    radius = margin_mm / spacing
+    r = int(np.floor(radius + 1e-6))
     if r <= 0:
         return mask
     if r > MAX_BALL_VOX:
         if not bool(mask.any()):
             return mask.clone()
-        return torch.from_numpy(ndi.distance_transform_edt(~mask.numpy()) <= r)
+        return torch.from_numpy(ndi.distance_transform_edt(~mask.numpy()) <= radius + 1e-6)
     offsets = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    ball = torch.from_numpy(((offsets**2).sum(0) <= r * r).astype(np.float32))[None, None]
+    ball = torch.from_numpy(((offsets**2).sum(0) <= radius * radius + 1e-6).astype(np.float32))[None, None]
     return (F.conv3d(mask.float()[None, None], ball, padding=r) > 0.5)[0, 0]
 
 

@@ -334,7 +334,8 @@ def test_class_map_is_argmax_with_ties_to_the_first_class():
     assert torch.equal(class_map(probs), probs.argmax(0))
 
 
-@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5), (20.0, 2.0)])
+@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (5.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5), (20.0, 2.0),
+                                               (21.0, 2.0)])
 def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     """The brain grows by the margin in every direction, diagonals included, and no further."""
     from scipy import ndimage as ndi
@@ -346,7 +347,7 @@ def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     brain[2, 3, 4] = True  # a lone voxel, so the ball's shape is tested too
     grown = grow(torch.from_numpy(brain), margin_mm, spacing).numpy()
     distance = ndi.distance_transform_edt(~brain)  # voxels to the nearest brain voxel
-    assert np.array_equal(grown, distance <= np.ceil(margin_mm / spacing))
+    assert np.array_equal(grown, distance * spacing <= margin_mm + 1e-6)
     assert not grow(torch.zeros(5, 6, 7, dtype=torch.bool), margin_mm, spacing).any()  # nothing grows from nothing
 
 
