@@ -305,8 +305,10 @@ class Defacer:
             from deface.atlas import atlas_points
 
             mni = atlas_points(canon.to_atlas, canon.grid)
+        atlas_margin = None
         if guarded:
-            masks = protect_also(masks, guard, self.post.atlas_margin_mm, self.spacing)
+            atlas_margin = self.atlas_margin(guard, masks.protect)
+            masks = protect_also(masks, guard, atlas_margin, self.spacing)
             allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
             masks = restrict_to(masks, torch.from_numpy(allowed))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
@@ -329,6 +331,7 @@ class Defacer:
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
+            "atlas_margin_mm": atlas_margin,
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -344,6 +347,14 @@ class Defacer:
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats, canon.to_atlas, probs, canon.grid)
+
+    def atlas_margin(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
+        """The margin around the registered atlas brain: ``atlas_margin_mm`` where the network's
+        protected brain covers at least ``atlas_cover_min`` of it, else ``atlas_margin_wary_mm``
+        (the network missed brain, so the atlas alone stands between the removal and it)."""
+        total = int(atlas_brain.sum())
+        covered = int((atlas_brain & network_protected).sum()) / total if total else 1.0
+        return self.post.atlas_margin_mm if covered >= self.post.atlas_cover_min else self.post.atlas_margin_wary_mm
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:
         """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface

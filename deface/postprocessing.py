@@ -68,6 +68,12 @@ class PostprocessConfig:
     # (not rounded up to 6 on the 2 mm grid any more) is where 0 brain voxels changed still held on
     # the 34 validation heads, against the labels and deepbet (docs/evaluation.md, 2026-12-03 (d)).
     atlas_margin_mm: float = 5.0
+    # ... but where the network's brain + ``brain_margin_mm`` covers less than ``atlas_cover_min`` of
+    # the registered atlas brain, the network has missed brain (the stroke T2: 0.75, it takes the
+    # orbitofrontal cortex for face; the s20/s21 FLAIRs 0.69/0.80; IXI 484 0.93; 29 other validation
+    # heads 0.97-1.00) and the atlas alone protects there: its margin is then ``atlas_margin_wary_mm``.
+    atlas_margin_wary_mm: float = 6.0
+    atlas_cover_min: float = 0.95
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)
     # mapped through the same registration and grown by this margin: a face is where faces are.
     atlas_face_margin_mm: float = 10.0

@@ -398,3 +398,20 @@ def test_face_region_grows_downwards_by_its_own_margin():
     assert not face_region_mni(chin, 10.0)[0]
     assert face_region_mni(chin, 10.0, 40.0)[0]
     assert not face_region_mni(np.array([[0.0, -20.0, FACE_BOTTOM_Z - 30.0]]), 10.0, 40.0)[0]  # not backwards
+
+
+def test_atlas_margin_widens_where_the_network_missed_the_atlas_brain(defacer):
+    """The atlas brain's margin is the narrow one only where the network's protected brain covers
+    it; where the network missed brain (a stroke T2 calls its orbitofrontal cortex face) the atlas
+    alone protects, with the wider margin."""
+    from deface.postprocessing import grow
+
+    d = defacer
+    atlas = torch.zeros(30, 30, 30, dtype=torch.bool)
+    atlas[8:22, 8:22, 8:22] = True
+    agreeing = grow(atlas, d.post.brain_margin_mm, d.spacing)
+    missing_front = agreeing.clone()
+    missing_front[:, 16:, :] = False  # the network's brain stops short of the front of the atlas brain
+    assert d.atlas_margin(atlas, agreeing) == d.post.atlas_margin_mm
+    assert d.atlas_margin(atlas, missing_front) == d.post.atlas_margin_wary_mm > d.post.atlas_margin_mm
+    assert d.atlas_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_mm  # no atlas brain on the grid
