@@ -12,7 +12,7 @@ FROM ${CUDA_IMAGE} AS base
 # PIP_CERT: a CA bundle for pip where the network needs one (empty: pip's own).
 ARG TORCH_SPEC=torch==2.5.1
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
-ARG EXTRAS=qc
+ARG EXTRAS=qc,fast
 ARG PIP_CERT=""
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH

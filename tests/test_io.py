@@ -102,3 +102,31 @@ def test_scrub_clears_text_and_extensions_only(tmp_path):
     assert len(b.header.extensions) == 0 and b.header["descrip"] == b""
     assert np.array_equal(a.affine, b.affine) and a.header["qform_code"] == b.header["qform_code"]
     assert a.dataobj.slope == b.dataobj.slope and np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_gzip_output_is_standard_whichever_compressor(tmp_path, monkeypatch, fast):
+    """ISA-L's gzip (if installed) and the standard library's write the same decompressed bytes, a
+    gzip stream any reader opens, with no file name (the temporary's) and no time stored."""
+    if fast:
+        pytest.importorskip("isal")
+    else:
+        import builtins
+
+        real_import = builtins.__import__
+
+        def no_isal(name, *args, **kwargs):
+            if name.startswith("isal"):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_isal)
+    src = tmp_path / "in.nii"
+    nib.save(make_phantom(dtype=np.int16), str(src))
+    vol = io.load(src)
+    out = tmp_path / "out.nii.gz"
+    io.save(vol, vol.raw, out)
+    stream = out.read_bytes()
+    assert stream[:2] == b"\x1f\x8b" and stream[4:8] == b"\0\0\0\0"  # gzip magic, mtime 0
+    assert not stream[3] & 0x08  # FLG.FNAME unset: no temporary's name in the file
+    assert gzip.decompress(stream) == src.read_bytes()
