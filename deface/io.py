@@ -184,9 +184,25 @@ def load(path: str | Path, max_voxels: int = 512**3) -> Volume:
         if int(stored["sform_code"]) == 0 and np.any(np.asarray(stored["pixdim"][1:4]) == 0):
             raise InputError("the voxel sizes (pixdim) are zero and there is no sform: the geometry is unknown; "
                              "fix the header (e.g. re-convert from DICOM)")
+        img = decompressed(img, path, max_voxels)
     volume = from_image(img, path, max_voxels)
     volume.header = stored
     return volume
+
+
+def decompressed(img: nib.Nifti1Image, path: Path, max_voxels: int) -> nib.Nifti1Image:
+    """A ".nii.gz" image read whole through ISA-L's gzip when the ``fast`` extra is installed
+    (3x faster than zlib); otherwise, or for anything ISA-L cannot read (a truncated file: the
+    usual path then says what is wrong; one too large, which ``from_image`` refuses), ``img`` as
+    nibabel opened it."""
+    if not str(path).endswith(".gz") or int(np.prod(img.shape, dtype=np.int64)) > max_voxels:
+        return img
+    try:
+        from isal import igzip
+
+        return img.__class__.from_bytes(igzip.decompress(path.read_bytes()))
+    except Exception:
+        return img
 
 
 def _stored_header(img: nib.Nifti1Image, path: Path):

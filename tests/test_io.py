@@ -130,3 +130,25 @@ def test_gzip_output_is_standard_whichever_compressor(tmp_path, monkeypatch, fas
     assert stream[:2] == b"\x1f\x8b" and stream[4:8] == b"\0\0\0\0"  # gzip magic, mtime 0
     assert not stream[3] & 0x08  # FLG.FNAME unset: no temporary's name in the file
     assert gzip.decompress(stream) == src.read_bytes()
+
+
+def test_fast_and_standard_gzip_reading_agree(tmp_path, monkeypatch):
+    """A .nii.gz read through ISA-L (fast extra) is the same volume as through nibabel's gzip:
+    stored values, scaling, header bytes; a truncated file still gets the usual one-line error."""
+    pytest.importorskip("isal")
+    img = make_phantom(dtype=np.int16, slope=2.0)
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment extension"))
+    src = tmp_path / "in.nii.gz"
+    nib.save(img, str(src))
+    fast = io.load(src)
+    assert not isinstance(fast.img.dataobj.file_like, str)  # read from memory, not reopened from disk
+    monkeypatch.setattr(io, "decompressed", lambda img, path, max_voxels: img)
+    slow = io.load(src)
+    assert np.array_equal(fast.raw, slow.raw) and fast.raw.dtype == slow.raw.dtype
+    assert fast.slope_inter == slow.slope_inter and np.array_equal(fast.affine, slow.affine)
+    assert fast.header.binaryblock == slow.header.binaryblock
+    monkeypatch.undo()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(src.read_bytes()[: len(src.read_bytes()) // 2])
+    with pytest.raises(io.InputError, match="truncated or corrupt"):
+        io.load(cut)
