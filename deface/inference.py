@@ -307,8 +307,13 @@ class Defacer:
             mni = atlas_points(canon.to_atlas, canon.grid)
         atlas_margin = None
         if guarded:
-            atlas_margin = self.atlas_margin(guard, masks.protect)
-            masks = protect_also(masks, guard, atlas_margin, self.spacing)
+            atlas_margin = self.atlas_front_margin(guard, masks.protect)
+            if atlas_margin == self.post.atlas_margin_mm:
+                masks = protect_also(masks, guard, atlas_margin, self.spacing)
+            else:
+                front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
+                masks = protect_also(masks, guard & front, atlas_margin, self.spacing)
+                masks = protect_also(masks, guard & ~front, self.post.atlas_margin_mm, self.spacing)
             allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
             masks = restrict_to(masks, torch.from_numpy(allowed))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
@@ -331,7 +336,7 @@ class Defacer:
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
-            "atlas_margin_mm": atlas_margin,
+            "atlas_margin_front_mm": atlas_margin,
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -348,13 +353,14 @@ class Defacer:
         }
         return DefaceResult(volume, raw, remove, stats, canon.to_atlas, probs, canon.grid)
 
-    def atlas_margin(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
-        """The margin around the registered atlas brain: ``atlas_margin_mm`` where the network's
-        protected brain covers at least ``atlas_cover_min`` of it, else ``atlas_margin_wary_mm``
+    def atlas_front_margin(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
+        """The margin around the registered atlas brain in front of MNI y = ``atlas_front_y_mm`` (over
+        the eyes and brows): ``atlas_margin_front_mm`` where the network's protected brain covers at
+        least ``atlas_cover_min`` of the atlas brain, else ``atlas_margin_mm`` as everywhere else
         (the network missed brain, so the atlas alone stands between the removal and it)."""
         total = int(atlas_brain.sum())
         covered = int((atlas_brain & network_protected).sum()) / total if total else 1.0
-        return self.post.atlas_margin_mm if covered >= self.post.atlas_cover_min else self.post.atlas_margin_wary_mm
+        return self.post.atlas_margin_front_mm if covered >= self.post.atlas_cover_min else self.post.atlas_margin_mm
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:
         """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface

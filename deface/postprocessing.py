@@ -66,13 +66,18 @@ class PostprocessConfig:
     # the labelled brain (docs/evaluation.md, 2026-12-03). At 6 mm this margin kept the brows and
     # upper lids (most of the face surface left: IXI 052, 383, 484, 544, 572, the s20 FLAIR); 5 mm
     # (not rounded up to 6 on the 2 mm grid any more) is where 0 brain voxels changed still held on
-    # the 34 validation heads, against the labels and deepbet (docs/evaluation.md, 2026-12-03 (d)).
-    atlas_margin_mm: float = 5.0
-    # ... but where the network's brain + ``brain_margin_mm`` covers less than ``atlas_cover_min`` of
-    # the registered atlas brain, the network has missed brain (the stroke T2: 0.75, it takes the
-    # orbitofrontal cortex for face; the s20/s21 FLAIRs 0.69/0.80; IXI 484 0.93; 29 other validation
-    # heads 0.97-1.00) and the atlas alone protects there: its margin is then ``atlas_margin_wary_mm``.
-    atlas_margin_wary_mm: float = 6.0
+    # the 34 validation heads, against the labels and deepbet (docs/evaluation.md, 2026-12-03 (d)),
+    # but a FLAIR-like IXI 012 then lost 4 labelled voxels of its temporal pole (the network's
+    # brain missed it, the atlas brain 5.7 mm away; 2026-12-04). So the margin is 6 mm, and only
+    # in front of MNI y = ``atlas_front_y_mm`` (the frontal lobe over the orbits, eyes and brows,
+    # where the margin costs face; the temporal poles' tips lie at y 10-25) it is
+    # ``atlas_margin_front_mm`` - when the network's brain + ``brain_margin_mm`` covers at least
+    # ``atlas_cover_min`` of the registered atlas brain. Below that the network has missed brain (the
+    # stroke T2: 0.75, it takes the orbitofrontal cortex for face; the s20/s21 FLAIRs 0.69/0.80;
+    # IXI 484 0.93; 29 other validation heads 0.97-1.00) and the atlas alone protects: 6 mm there too.
+    atlas_margin_mm: float = 6.0
+    atlas_margin_front_mm: float = 5.0
+    atlas_front_y_mm: float = 25.0
     atlas_cover_min: float = 0.95
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)
     # mapped through the same registration and grown by this margin: a face is where faces are.

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from deface import BRAIN, FACE, io
+from deface import BRAIN, FACE, inference, io
+from deface.postprocessing import grow
+from deface.preprocessing import CanonicalInput, Grid
 from tests.conftest import make_phantom, oracle_probs, phantom_truth, world_points
 
 
@@ -401,9 +403,9 @@ def test_face_region_grows_downwards_by_its_own_margin():
 
 
 def test_atlas_margin_widens_where_the_network_missed_the_atlas_brain(defacer):
-    """The atlas brain's margin is the narrow one only where the network's protected brain covers
-    it; where the network missed brain (a stroke T2 calls its orbitofrontal cortex face) the atlas
-    alone protects, with the wider margin."""
+    """The atlas brain's margin is the narrow one (over the eyes and brows) only where the
+    network's protected brain covers it; where the network missed brain (a stroke T2 calls its
+    orbitofrontal cortex face) the atlas alone protects, with the wider margin."""
     from deface.postprocessing import grow
 
     d = defacer
@@ -412,6 +414,47 @@ def test_atlas_margin_widens_where_the_network_missed_the_atlas_brain(defacer):
     agreeing = grow(atlas, d.post.brain_margin_mm, d.spacing)
     missing_front = agreeing.clone()
     missing_front[:, 16:, :] = False  # the network's brain stops short of the front of the atlas brain
-    assert d.atlas_margin(atlas, agreeing) == d.post.atlas_margin_mm
-    assert d.atlas_margin(atlas, missing_front) == d.post.atlas_margin_wary_mm > d.post.atlas_margin_mm
-    assert d.atlas_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_mm  # no atlas brain on the grid
+    assert d.atlas_front_margin(atlas, agreeing) == d.post.atlas_margin_front_mm
+    assert d.atlas_front_margin(atlas, missing_front) == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
+    assert d.atlas_front_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_front_mm  # no atlas brain
+
+
+def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch):
+    """In front of MNI y = atlas_front_y_mm the atlas brain is protected by atlas_margin_front_mm,
+    behind it (the temporal poles) by the full atlas_margin_mm: a voxel 5.5 mm from the atlas brain
+    may go in front, not behind."""
+    import deface.atlas as atlas_mod
+    from deface.postprocessing import CanonicalMasks
+
+    d = defacer
+    assert d.post.atlas_margin_front_mm < 5.5 < d.post.atlas_margin_mm
+    shape = (8, 40, 8)
+    grid = Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0]))  # 1 mm voxels: voxel y index = MNI y with this registration
+    canon = CanonicalInput(torch.zeros((1, *shape)), grid, torch.ones(shape, dtype=torch.bool), np.eye(4), "ok")
+    brain = torch.zeros(shape, dtype=torch.bool)
+    y0 = int(d.post.atlas_front_y_mm)
+    brain[:, y0 + 6, :] = True  # a slab in front of y0 ...
+    brain[:, y0 - 12, :] = True  # ... and one behind it
+    monkeypatch.setattr(atlas_mod, "brain_on_grid", lambda *a, **k: brain)
+    everything = torch.ones(shape, dtype=torch.bool)
+    monkeypatch.setattr(inference, "canonical_masks", lambda *a, **k: CanonicalMasks(
+        everything.clone(), grow(brain, 1.0, 1.0), 100.0, True))  # the network's brain + margin covers the atlas brain
+    monkeypatch.setattr(d, "atlas", object())  # the phantom fixture has no atlas: its brain is the slabs above
+    monkeypatch.setattr(d.post, "atlas", True)
+    monkeypatch.setattr(d.post, "atlas_face_margin_mm", 1000.0)
+    monkeypatch.setattr(d.post, "atlas_complete", False)
+    monkeypatch.setattr(d, "spacing", 1.0)
+    protected = {}
+    real_to_native = inference.to_native
+
+    def spy(masks, canonical, native):
+        protected["canonical"] = masks.protect.clone()
+        return real_to_native(masks, canonical, native)
+
+    monkeypatch.setattr(inference, "to_native", spy)
+    volume = io.from_image(nib.Nifti1Image(np.ones(shape, np.float32), grid.affine))
+    result = d.apply(volume, canon, torch.zeros((4, *shape)))
+    assert result.stats["atlas_margin_front_mm"] == d.post.atlas_margin_front_mm
+    column = protected["canonical"][4, :, 4]
+    assert bool(column[y0 + 6 - 5]) and not bool(column[y0 + 6 - 6])  # in front: 5 mm kept, 6 mm away goes
+    assert bool(column[y0 - 12 + 6]) and not bool(column[y0 - 12 + 7])  # behind: 6 mm kept
