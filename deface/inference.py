@@ -307,13 +307,8 @@ class Defacer:
             mni = atlas_points(canon.to_atlas, canon.grid)
         atlas_margin = None
         if guarded:
-            atlas_margin = self.atlas_front_margin(guard, masks.protect)
-            if atlas_margin == self.post.atlas_margin_mm:
-                masks = protect_also(masks, guard, atlas_margin, self.spacing)
-            else:
-                front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
-                masks = protect_also(masks, guard & front, atlas_margin, self.spacing)
-                masks = protect_also(masks, guard & ~front, self.post.atlas_margin_mm, self.spacing)
+            region, atlas_margin = self.atlas_protection(guard, masks.protect, mni)
+            masks = protect_also(masks, region)
             allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
             masks = restrict_to(masks, torch.from_numpy(allowed))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
@@ -352,6 +347,18 @@ class Defacer:
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats, canon.to_atlas, probs, canon.grid)
+
+    def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, mni: np.ndarray
+                         ) -> tuple[torch.Tensor, float]:
+        """(the region the registered atlas brain protects, the margin used in front): the atlas brain
+        grown by ``atlas_margin_mm``, by ``atlas_front_margin`` where it lies in front of MNI y =
+        ``atlas_front_y_mm`` (``mni``: the atlas coordinates of every voxel, ``atlas_points``)."""
+        front_mm = self.atlas_front_margin(atlas_brain, network_protected)
+        if front_mm == self.post.atlas_margin_mm:
+            return grow(atlas_brain, front_mm, self.spacing), front_mm
+        front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
+        return (grow(atlas_brain & front, front_mm, self.spacing)
+                | grow(atlas_brain & ~front, self.post.atlas_margin_mm, self.spacing)), front_mm
 
     def atlas_front_margin(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
         """The margin around the registered atlas brain in front of MNI y = ``atlas_front_y_mm`` (over

@@ -269,10 +269,9 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml)
 
 
-def protect_also(masks: CanonicalMasks, brain: torch.Tensor, margin_mm: float, spacing: float) -> CanonicalMasks:
-    """``masks`` with a second brain estimate (e.g. the registered atlas) dilated and protected."""
-    extra = grow(brain, margin_mm, spacing)
-    return replace(masks, remove=masks.remove & ~extra, protect=masks.protect | extra)
+def protect_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:
+    """``masks`` with ``region`` protected too (e.g. the registered atlas brain grown by its margins)."""
+    return replace(masks, remove=masks.remove & ~region, protect=masks.protect | region)
 
 
 def restrict_to(masks: CanonicalMasks, allowed: torch.Tensor) -> CanonicalMasks:

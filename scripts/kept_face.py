@@ -46,19 +46,20 @@ def main(argv: list[str] | None = None) -> int:
         data, labels, affine = cache_head(args.cache, name)
         volume, canon = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
-        masks = canonical_masks(probs, d.spacing, cfg, canon.inside, canon.image[0])
+        guard = brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold)
+        masks = canonical_masks(probs, d.spacing, cfg, canon.inside, canon.image[0],
+                                grow(guard, cfg.atlas_brain_support_mm, d.spacing))
+        mni = atlas_points(canon.to_atlas, canon.grid)
         tissue = data > 0.05 * np.percentile(data, 99.5)
         surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
-        atlas = grow(brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold),
-                     cfg.atlas_margin_mm, d.spacing).numpy()
-        zone = face_region_mni(atlas_points(canon.to_atlas, canon.grid), cfg.atlas_face_margin_mm,
-                               cfg.atlas_face_bottom_margin_mm)
+        atlas = d.atlas_protection(guard, masks.protect, mni)[0].numpy()  # as Defacer.apply protects it
+        zone = face_region_mni(mni, cfg.atlas_face_margin_mm, cfg.atlas_face_bottom_margin_mm)
         network = masks.protect.numpy()
         wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
         removed = masks.remove.numpy() & ~atlas & zone
         if cfg.atlas_complete and masks.face_found:
-            region = face_region_mni(atlas_points(canon.to_atlas, canon.grid)) & (
+            region = face_region_mni(mni) & (
                 canon.image[0] > cfg.tissue_threshold).numpy() & canon.inside.numpy()
             wanted = wanted | region
             removed = removed | (region & ~network & ~atlas)

@@ -406,8 +406,6 @@ def test_atlas_margin_widens_where_the_network_missed_the_atlas_brain(defacer):
     """The atlas brain's margin is the narrow one (over the eyes and brows) only where the
     network's protected brain covers it; where the network missed brain (a stroke T2 calls its
     orbitofrontal cortex face) the atlas alone protects, with the wider margin."""
-    from deface.postprocessing import grow
-
     d = defacer
     atlas = torch.zeros(30, 30, 30, dtype=torch.bool)
     atlas[8:22, 8:22, 8:22] = True
