@@ -327,7 +327,11 @@ def save_mask(volume: Volume, mask: np.ndarray, path: str | Path) -> None:
             out.set_qform(img.get_qform(), int(img.header["qform_code"]))
     tmp = temporary_path(path)
     try:
-        nib.save(out, str(tmp))
+        if suffix in (".nii", ".nii.gz"):
+            with open_for_writing(tmp, suffix) as f:
+                f.write(out.to_bytes())
+        else:
+            nib.save(out, str(tmp))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -145,3 +145,27 @@ def test_fast_and_standard_gzip_reading_agree(tmp_path, monkeypatch):
     cut.write_bytes(src.read_bytes()[: len(src.read_bytes()) // 2])
     with pytest.raises(io.InputError, match="truncated or corrupt"):
         io.load(cut)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_mask_keeps_the_grid_and_stores_no_name(tmp_path, suffix):
+    """The --save-mask file: uint8 0/1 on the input's grid (affine, qform and sform codes), and a
+    gzip stream without the temporary's name in it."""
+    img = make_phantom(dtype=np.int16)
+    img.set_qform(img.affine, 1)
+    img.set_sform(img.affine, 2)
+    src = tmp_path / "in.nii"
+    nib.save(img, str(src))
+    vol = io.load(src)
+    mask = np.zeros(vol.raw.shape, bool)
+    mask[2:5, 3:7, 1:4] = True
+    out = tmp_path / f"mask{suffix}"
+    io.save_mask(vol, mask, out)
+    back = nib.load(str(out))
+    assert back.get_data_dtype() == np.uint8 and back.shape == img.shape
+    assert np.array_equal(np.asanyarray(back.dataobj), mask.astype(np.uint8))
+    assert np.allclose(back.affine, img.affine)
+    assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
+    if suffix == ".nii.gz":
+        assert not out.read_bytes()[3] & 0x08
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
