@@ -8,6 +8,7 @@ descrip, extensions, vox_offset) is written back byte for byte.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -190,16 +191,25 @@ def load(path: str | Path, max_voxels: int = 512**3) -> Volume:
     return volume
 
 
+def fast_gzip():
+    """ISA-L's gzip module (``isal.igzip``, the ``fast`` extra) when it is installed, else None:
+    the same format as the standard library's ``gzip``, read 3x and written 6x faster."""
+    try:
+        from isal import igzip
+    except ImportError:
+        return None
+    return igzip
+
+
 def decompressed(img: nib.Nifti1Image, path: Path, max_voxels: int) -> nib.Nifti1Image:
     """A ".nii.gz" image read whole through ISA-L's gzip when the ``fast`` extra is installed
     (3x faster than zlib); otherwise, or for anything ISA-L cannot read (a truncated file: the
     usual path then says what is wrong; one too large, which ``from_image`` refuses), ``img`` as
     nibabel opened it."""
-    if not str(path).endswith(".gz") or int(np.prod(img.shape, dtype=np.int64)) > max_voxels:
+    igzip = fast_gzip()
+    if igzip is None or not str(path).endswith(".gz") or int(np.prod(img.shape, dtype=np.int64)) > max_voxels:
         return img
     try:
-        from isal import igzip
-
         return img.__class__.from_bytes(igzip.decompress(path.read_bytes()))
     except Exception:
         return img
@@ -279,11 +289,8 @@ def open_for_writing(path: Path, suffix: str):
         with open(path, "wb") as f:
             yield f
         return
-    try:
-        from isal.igzip import IGzipFile as GzipFile
-    except ImportError:
-        from gzip import GzipFile
-    with open(path, "wb") as raw, GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as f:
+    module = fast_gzip() or gzip
+    with open(path, "wb") as raw, module.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as f:
         yield f
 
 
