@@ -454,7 +454,7 @@ class Defacer:
                            ) -> list[Outcome]:
         """Deface every job: the one pipeline behind deface-infer, ``deface.predict`` and evaluation.
 
-        Reading and preprocessing (with the atlas registration) run ahead in ``workers`` threads
+        Reading and preprocessing (with the atlas registration) run up to ``workers`` batches ahead, in ``workers`` threads,
         while the network takes ``batch_size`` images at a time; postprocessing and writing run
         behind it in ``workers`` threads (``workers=0``: everything in the caller's thread).
         ``scrub`` clears header free text in what is written; ``force`` lets --applyto outputs be
@@ -485,14 +485,21 @@ class Defacer:
             return pool.submit(fn, *a)
 
         batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
+        reading: dict[int, list] = {}
+        ahead = max(workers, 1)  # batches read at once: each registration leaves cores free (see atlas)
+
+        def read_ahead(b: int) -> None:
+            if b < len(batches):
+                reading[b] = [submit(readers, self._read, jobs[i]) for i in batches[b]]
+
         with redirect:
             try:
-                pending = [submit(readers, self._read, jobs[i]) for i in batches[0]] if batches else []
+                for b in range(ahead):
+                    read_ahead(b)
                 writes = []
                 for b, batch in enumerate(batches):
-                    prepared = [f.result() for f in pending]
-                    if b + 1 < len(batches):
-                        pending = [submit(readers, self._read, jobs[i]) for i in batches[b + 1]]
+                    prepared = [f.result() for f in reading.pop(b)]
+                    read_ahead(b + ahead)
                     ok = []
                     for i, (p, err) in zip(batch, prepared):
                         if p is None:
