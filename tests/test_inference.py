@@ -326,6 +326,35 @@ def test_predict_from_files_batches_keeps_order_and_survives_a_broken_file(tmp_p
     assert np.array_equal(kept.raw, defacer.deface(good[2]).raw)  # the same pipeline, batched or alone
 
 
+def test_predict_from_files_reads_workers_files_at_once(defacer, monkeypatch):
+    """With two workers two files are prepared (registered) at the same time, never more; the
+    outcomes still come back in order."""
+    import threading
+    import time
+
+    from deface.inference import Job
+
+    prepare, lock, inside, most = defacer.prepare, threading.Lock(), [0], [0]
+
+    def slow_prepare(source):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.3)  # a registration
+        try:
+            return prepare(source)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(defacer, "prepare", slow_prepare)
+    images = [make_phantom(angle_deg=a) for a in (0.0, 5.0, 10.0, 15.0, 20.0)]
+    done = defacer.predict_from_files([Job(img) for img in images], batch_size=1, workers=2)
+    assert most[0] == 2
+    assert [o.status == "failed" for o in done] == [False] * 5
+    assert all(np.array_equal(o.result.volume.raw, np.asanyarray(img.dataobj)) for o, img in zip(done, images))
+
+
 def test_class_map_is_argmax_with_ties_to_the_first_class():
     from deface.postprocessing import class_map
 
