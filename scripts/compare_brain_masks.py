@@ -3,8 +3,8 @@
     python scripts/compare_brain_masks.py --subjects real_ixi257_t1 real_clinical_stroke_t2 \
         --png docs/robex_vs_deepbet.png
 
-For each cached head (``scripts/evaluate.py`` must have run with ``--independent deepbet robex``
-first: the masks are read from ``<cache>/independent``): the volumes of ROBEX's, deepbet's and the
+For each cached head (the extractors' masks as ``scripts/evaluate.py --independent deepbet robex``
+computes and caches them in ``<cache>/independent``): the volumes of ROBEX's, deepbet's and the
 labelled brain, how much of ROBEX's lies on labelled face, and the ROBEX voxels the default
 Defacer changes: how far outside the labelled and the deepbet brain they lie, their labels, and
 where in MNI space. ``--png``: one sagittal slice per head through the median changed ROBEX voxel,
@@ -22,10 +22,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def load_mask(cache: Path, name: str, tool: str) -> np.ndarray:
-    return np.asanyarray(nib.load(str(cache / "independent" / f"{name}_{tool}.nii.gz")).dataobj) > 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache folder")
@@ -33,18 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", type=Path, default=None, help="write the sagittal slices here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head
+    from evaluate import cache_head, independent_mask
 
     from deface.inference import Defacer
+    from deface.preprocessing import voxel_sizes
 
     defacer = Defacer(device="cpu")
     panels = []
     for name in args.subjects:
         data, labels, affine = cache_head(args.cache, name)
         image = data.astype(np.float32)
-        voxel = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        voxel = voxel_sizes(affine)
         ml = float(np.prod(voxel)) / 1000
-        robex, deepbet, brain = load_mask(args.cache, name, "robex"), load_mask(args.cache, name, "deepbet"), labels == 2
+        robex, deepbet = (independent_mask(args.cache, name, data, affine, [tool]) for tool in ("robex", "deepbet"))
+        brain = labels == 2
         result = defacer.deface(nib.Nifti1Image(image, affine))
         changed = result.volume.scaled(result.raw) != image
         hit = changed & robex
