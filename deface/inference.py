@@ -454,9 +454,10 @@ class Defacer:
                            ) -> list[Outcome]:
         """Deface every job: the one pipeline behind deface-infer, ``deface.predict`` and evaluation.
 
-        Reading and preprocessing (with the atlas registration) run up to ``workers`` batches ahead, in ``workers`` threads,
-        while the network takes ``batch_size`` images at a time; postprocessing and writing run
-        behind it in ``workers`` threads (``workers=0``: everything in the caller's thread).
+        Reading and preprocessing (with the atlas registration) run up to ``workers`` batches ahead
+        in ``workers`` threads while the network takes ``batch_size`` images at a time;
+        postprocessing and writing run behind it in ``workers`` threads (``workers=0``: everything
+        in the caller's thread).
         ``scrub`` clears header free text in what is written; ``force`` lets --applyto outputs be
         overwritten (the caller decides about the main outputs); ``qc``: render resolution in mm
         for a QC picture beside each output and a report row. One failing file never stops the
