@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +27,9 @@ from deface.network import build_network, downsampling_factor
 from deface.postprocessing import (PostprocessConfig, canonical_masks, grow, protect_also, remove_also, restrict_to,
                                   to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
+
+if TYPE_CHECKING:
+    from deface.atlas import Registration
 
 log = logging.getLogger("deface")
 # matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
@@ -224,8 +227,11 @@ class Defacer:
         self.max_voxels = max_voxels
 
     # -- stages -------------------------------------------------------------------------------
-    def prepare(self, source: str | Path | nib.spatialimages.SpatialImage | io.Volume) -> tuple[io.Volume, CanonicalInput]:
-        """Load (if needed) and bring the reference volume to the canonical grid (CPU work)."""
+    def prepare(self, source: str | Path | nib.spatialimages.SpatialImage | io.Volume
+                ) -> tuple[io.Volume, CanonicalInput, Registration | None]:
+        """Load (if needed), bring the reference volume to the canonical grid and register the
+        atlas to it (CPU work): (volume, network input, the atlas registration or None without an
+        atlas; its ``seconds`` count the pose search and retries too)."""
         if isinstance(source, io.Volume):
             volume = source
         elif isinstance(source, (str, Path)):
@@ -237,7 +243,7 @@ class Defacer:
             raise io.InputError("the image is constant (all voxels equal): nothing to deface")
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:
-            return volume, canon
+            return volume, canon, None
         from deface.atlas import (RETRY_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   rotation_deg)
 
@@ -268,8 +274,7 @@ class Defacer:
                 if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
                     turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
                     canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
-        return volume, replace(canon, to_atlas=reg.to_atlas, registration=reg.status,
-                               registration_s=time.perf_counter() - t0)
+        return volume, canon, replace(reg, seconds=time.perf_counter() - t0)
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
@@ -285,26 +290,28 @@ class Defacer:
         probs = torch.softmax(logits.float(), 1).cpu()
         return [probs[i, :, : c.image.shape[1], : c.image.shape[2], : c.image.shape[3]] for i, c in enumerate(inputs)]
 
-    def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor) -> DefaceResult:
-        """Masks from probabilities, then the replaced voxels; brain protection is applied here."""
+    def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
+              registration: Registration | None = None) -> DefaceResult:
+        """Masks from probabilities, then the replaced voxels; brain protection is applied here.
+        ``registration``: ``prepare``'s, needed whenever this Defacer has an atlas."""
         t0 = time.perf_counter()
-        if self.atlas is not None and canon.registration == "off":
-            raise ValueError("the atlas guard and --mode reface need the input from Defacer.prepare "
-                             "(it registers the atlas)")
+        if self.atlas is not None and registration is None:
+            raise ValueError("the atlas guard and --mode reface need the registration from Defacer.prepare")
+        to_atlas = registration.to_atlas if registration is not None else None
         guard = support = None
-        if self.post.atlas and canon.to_atlas is not None:
+        if self.post.atlas and to_atlas is not None:
             from deface.atlas import brain_on_grid
 
-            guard = brain_on_grid(self.atlas, canon.to_atlas, canon.grid, self.post.atlas_threshold)
+            guard = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
             support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
-        wants_ears = self.ears and canon.to_atlas is not None and not masks.brain_only
-        guarded = self.post.atlas and canon.to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
+        wants_ears = self.ears and to_atlas is not None and not masks.brain_only
+        guarded = self.post.atlas and to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
         if guarded or wants_ears:
             from deface.anatomy import ear_region_mni, face_region_mni
             from deface.atlas import atlas_points
 
-            mni = atlas_points(canon.to_atlas, canon.grid)
+            mni = atlas_points(to_atlas, canon.grid)
         atlas_margin = None
         if guarded:
             region, atlas_margin = self.atlas_protection(guard, masks.protect, mni)
@@ -319,7 +326,7 @@ class Defacer:
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
-        raw = self.replace(volume, remove, canon.to_atlas)
+        raw = self.replace(volume, remove, to_atlas)
         changed = (raw != volume.raw).reshape(raw.shape[:3] + (-1,)).any(-1)
         brain_changed = int((changed[box] & protected).sum()) if box is not None else 0
         voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
@@ -339,14 +346,14 @@ class Defacer:
             "changed_outside_mask": int((changed & ~remove).sum()),
             "noise_from_zero_air": self.mode == "noise" and bool(remove.any())
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
-            "mode": self.mode_for(canon.to_atlas),  # the mode used: reface falls back to zero unregistered
-            "reface_fallback": self.mode_for(canon.to_atlas) != self.mode,
+            "mode": self.mode_for(to_atlas),  # the mode used: reface falls back to zero unregistered
+            "reface_fallback": self.mode_for(to_atlas) != self.mode,
             "ears_removed": wants_ears,
-            "atlas_registration": canon.registration,
-            "atlas_s": round(canon.registration_s, 3),
+            "atlas_registration": registration.status if registration is not None else "off",
+            "atlas_s": round(registration.seconds, 3) if registration is not None else 0.0,
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
-        return DefaceResult(volume, raw, remove, stats, canon.to_atlas, probs, canon.grid)
+        return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid)
 
     def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, mni: np.ndarray
                          ) -> tuple[torch.Tensor, float]:
@@ -446,8 +453,8 @@ class Defacer:
             if done.error is not None:
                 raise done.error
             return done.result
-        volume, canon = self.prepare(source)
-        return self.apply(volume, canon, probs)
+        volume, canon, registration = self.prepare(source)
+        return self.apply(volume, canon, probs, registration)
 
     def predict_from_files(self, jobs: list[Job], batch_size: int = 1, workers: int = 1, scrub: bool = False,
                            force: bool = False, qc: float | None = None, show_progress: bool = False
@@ -512,13 +519,13 @@ class Defacer:
                         try:
                             probs = self.predict([p[1] for _, p in ok])
                         except Exception as exc:
-                            for i, (_, _, started, _) in ok:
+                            for i, (_, _, _, started, _) in ok:
                                 outcomes[i] = self._failed(jobs[i], exc, time.perf_counter() - started, "network: ")
                             ok, probs = [], []
                         net_s = (time.perf_counter() - t0) / max(len(ok), 1)
-                        for (i, (volume, canon, started, read_s)), pr in zip(ok, probs):
-                            writes.append((i, submit(writers, self._finish, jobs[i], volume, canon, pr,
-                                                     (started, read_s, net_s), scrub, force, qc)))
+                        for (i, (volume, canon, registration, started, read_s)), pr in zip(ok, probs):
+                            writes.append((i, submit(writers, self._finish, jobs[i], volume, canon, registration,
+                                                     pr, (started, read_s, net_s), scrub, force, qc)))
                     bar.update(len(batch))
                 for i, fut in writes:
                     outcomes[i] = fut.result()
@@ -530,11 +537,12 @@ class Defacer:
         return outcomes
 
     def _read(self, job: Job):
-        """((volume, canonical input, wall-clock start, seconds), None) or (None, the error)."""
+        """((volume, canonical input, registration, wall-clock start, seconds), None) or (None, the
+        error)."""
         started = time.perf_counter()
         try:
-            volume, canon = self.prepare(job.source)
-            return (volume, canon, started, time.perf_counter() - started), None
+            volume, canon, registration = self.prepare(job.source)
+            return (volume, canon, registration, started, time.perf_counter() - started), None
         except Exception as exc:
             return None, exc
 
@@ -543,13 +551,14 @@ class Defacer:
         log.error("%s: %s%s", job.name, prefix, io.one_line(exc))
         return Outcome(job.name, "failed", prefix + io.one_line(exc), seconds=seconds, error=exc)
 
-    def _finish(self, job: Job, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
-                clock: tuple[float, float, float], scrub: bool, force: bool, qc: float | None) -> Outcome:
+    def _finish(self, job: Job, volume: io.Volume, canon: CanonicalInput, registration: Registration | None,
+                probs: torch.Tensor, clock: tuple[float, float, float], scrub: bool, force: bool,
+                qc: float | None) -> Outcome:
         """Postprocess one image and write its outputs: the mask first (so an existing output always
         has its mask: --skip-existing), the image, then --applyto images and the QC picture."""
         started, read_s, net_s = clock
         try:
-            result = self.apply(volume, canon, probs)
+            result = self.apply(volume, canon, probs, registration)
             s = result.stats
             s.update(load_preprocess_s=round(read_s, 3), network_s=round(net_s, 3))
             if job.mask is not None:
@@ -569,7 +578,7 @@ class Defacer:
             s["seconds"] = round(seconds, 3)
             log.info("%s -> %s: %s (%.2f s)", job.name, job.dst or "memory", msg, seconds)
             log.debug("%s: seconds: read+preprocess %.2f (registration %.2f), network %.2f, postprocess %.2f, "
-                      "whole file %.2f (wall clock)", job.name, read_s, canon.registration_s, net_s,
+                      "whole file %.2f (wall clock)", job.name, read_s, s["atlas_s"], net_s,
                       s["postprocess_s"], seconds)
             return Outcome(job.name, status, msg, s, seconds, result if job.dst is None else None, report_row=row)
         except Exception as exc:

@@ -143,15 +143,11 @@ def normalize_intensity(image: torch.Tensor, inside: torch.Tensor | None = None,
 
 @dataclass(frozen=True)
 class CanonicalInput:
-    """The network input on the canonical grid and what is needed to map results back; the atlas
-    fields are set by ``Defacer.prepare`` (``dataclasses.replace``) when it registers the atlas."""
+    """The network input on the canonical grid and what is needed to map results back."""
 
     image: torch.Tensor  # (1, X, Y, Z) float32, normalised
     grid: Grid
     inside: torch.Tensor  # (X, Y, Z) bool: inside the native field of view
-    to_atlas: np.ndarray | None = None  # world -> atlas transform when an atlas was registered
-    registration: str = "off"  # "ok", "implausible", "failed: ..." or "off"
-    registration_s: float = 0.0
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, multiple: int = 16,

@@ -53,13 +53,13 @@ def bench(device: str, path: Path, out: Path, repeats: int, weights: str | None)
         t = [time.perf_counter()]
         volume = io.load(path)
         t.append(time.perf_counter())
-        volume, canon = d.prepare(volume)
+        volume, canon, registration = d.prepare(volume)
         t.append(time.perf_counter())
         probs = d.predict([canon])[0]
         if device == "cuda":
             torch.cuda.synchronize()
         t.append(time.perf_counter())
-        result = d.apply(volume, canon, probs)
+        result = d.apply(volume, canon, probs, registration)
         t.append(time.perf_counter())
         atlas.append(result.stats["atlas_s"])
         io.save(volume, result.raw, out)

@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
           "brain voxels changed (labels, deepbet)")
     for name in args.subjects:
         data, labels, affine = cache_head(args.cache, name)
-        volume, canon = plain.prepare(nib.Nifti1Image(data, affine))
+        volume, canon, registration = plain.prepare(nib.Nifti1Image(data, affine))
         probs = plain.predict([canon])[0]
-        without, with_ears = plain.apply(volume, canon, probs), ears.apply(volume, canon, probs)
+        without, with_ears = (plain.apply(volume, canon, probs, registration),
+                              ears.apply(volume, canon, probs, registration))
         added = with_ears.mask & ~without.mask
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
         brain, indep = labels == BRAIN, independent_mask(args.cache, name, data, affine, ["deepbet"])

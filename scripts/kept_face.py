@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
     for name in args.subjects:
         data, labels, affine = cache_head(args.cache, name)
-        volume, canon = d.prepare(nib.Nifti1Image(data, affine))
+        volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
-        guard = brain_on_grid(d.atlas, canon.to_atlas, canon.grid, cfg.atlas_threshold)
+        guard = brain_on_grid(d.atlas, registration.to_atlas, canon.grid, cfg.atlas_threshold)
         masks = canonical_masks(probs, d.spacing, cfg, canon.inside, canon.image[0],
                                 grow(guard, cfg.atlas_brain_support_mm, d.spacing))
-        mni = atlas_points(canon.to_atlas, canon.grid)
+        mni = atlas_points(registration.to_atlas, canon.grid)
         tissue = data > 0.05 * np.percentile(data, 99.5)
         surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5

@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.acquisitions:
             image, lab, aff = acquisition_variant(data, labels, affine, kind)
             t0 = time.perf_counter()
-            _, canon = defacer.prepare(nib.Nifti1Image(image, aff))
+            _, canon, registration = defacer.prepare(nib.Nifti1Image(image, aff))
             seconds = time.perf_counter() - t0
-            if canon.to_atlas is None:
-                print(f"{name} | {kind} | {seconds:.1f} | registration {canon.registration}", flush=True)
+            if registration.to_atlas is None:
+                print(f"{name} | {kind} | {seconds:.1f} | registration {registration.status}", flush=True)
                 continue
-            atlas_brain = brain_on_grid(defacer.atlas, canon.to_atlas, canon.grid, defacer.post.atlas_threshold).numpy()
+            atlas_brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid,
+                                        defacer.post.atlas_threshold).numpy()
             masks = [lab == BRAIN] + ([indep] if indep is not None else [])
             figures = []
             for mask in masks:

@@ -28,16 +28,16 @@ def main() -> None:
     t2 = time.perf_counter()
     volume = io.load(args.image)
     t3 = time.perf_counter()
-    volume, canon = d.prepare(volume)
+    volume, canon, registration = d.prepare(volume)
     t4 = time.perf_counter()
     probs = d.predict([canon])[0]
     t5 = time.perf_counter()
-    result = d.apply(volume, canon, probs)
+    result = d.apply(volume, canon, probs, registration)
     t6 = time.perf_counter()
     io.save(volume, result.raw, args.image.with_name("stage_times_out.nii.gz"))
     t7 = time.perf_counter()
     print(f"stages in one fresh process: import {t1 - T0:.2f} s, model load {t2 - t1:.2f} s, load {t3 - t2:.2f} s, "
-          f"preprocess {t4 - t3 - canon.registration_s:.2f} s, registration {canon.registration_s:.2f} s, "
+          f"preprocess {t4 - t3 - registration.seconds:.2f} s, registration {registration.seconds:.2f} s, "
           f"network {t5 - t4:.2f} s, postprocess {t6 - t5:.2f} s, save {t7 - t6:.2f} s, total {t7 - T0:.2f} s; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

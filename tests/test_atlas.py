@@ -70,8 +70,8 @@ def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", atlas_guard=guard)
     img = nib.load(str(EXAMPLE_HEAD))
-    volume, canon = defacer.prepare(img)
-    result = defacer.apply(volume, canon, greedy_probs(canon))
+    volume, canon, registration = defacer.prepare(img)
+    result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     frontal = frontal_voxels(img)
     if guard:
         assert result.stats["atlas_registration"] == "ok"
@@ -92,14 +92,14 @@ def test_nothing_is_removed_outside_the_registered_face_region():
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_face_margin_mm": 10.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu")
     img = nib.load(str(EXAMPLE_HEAD))
-    volume, canon = defacer.prepare(img)
-    result = defacer.apply(volume, canon, greedy_probs(canon))
+    volume, canon, registration = defacer.prepare(img)
+    result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     assert result.mask.sum() > 5000
-    atlas_mm = voxel_world(img.shape, canon.to_atlas @ img.affine)
+    atlas_mm = voxel_world(img.shape, registration.to_atlas @ img.affine)
     # Native voxels straddle the 2 mm canonical voxels they come from: allow 3 mm more.
     assert face_region_mni(atlas_mm[result.mask], 13.0, 63.0).all()
     greedy = greedy_probs(canon)[FACE].bool().numpy()
-    world = voxel_world(canon.grid.shape, canon.to_atlas @ canon.grid.affine)
+    world = voxel_world(canon.grid.shape, registration.to_atlas @ canon.grid.affine)
     assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more
 
 
@@ -214,12 +214,12 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     tilt = np.eye(4)
     tilt[:3, :3] = euler(35.0, 15.0, 0.0)
     img = nib.Nifti1Image(np.asarray(upright.dataobj), tilt @ upright.affine)
-    volume, canon = defacer.prepare(img)
-    assert canon.registration == "ok"
-    assert rotation_deg(rigid_part(canon.to_atlas[:3, :3]) @ tilt[:3, :3]) < 8.0  # the tilt undone
+    volume, canon, registration = defacer.prepare(img)
+    assert registration.status == "ok"
+    assert rotation_deg(rigid_part(registration.to_atlas[:3, :3]) @ tilt[:3, :3]) < 8.0  # the tilt undone
     turned = canon.grid.affine[:3, :3]
     assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network's grid is turned
-    result = defacer.apply(volume, canon, greedy_probs(canon))
+    result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     assert not result.mask[frontal_voxels(upright)].any()  # same array: same voxels
     assert result.mask.sum() > 2000
     mni = voxel_world(upright.shape, upright.affine)  # Colin27's own grid is MNI

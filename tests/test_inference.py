@@ -11,13 +11,14 @@ import torch
 
 from deface import BRAIN, FACE, inference, io
 from deface.postprocessing import grow
+from deface.atlas import Registration
 from deface.preprocessing import CanonicalInput, Grid
 from tests.conftest import make_phantom, oracle_probs, phantom_truth, world_points
 
 
 def deface_with_oracle(defacer, img):
-    volume, canon = defacer.prepare(img)
-    return defacer.apply(volume, canon, oracle_probs(defacer, canon))
+    volume, canon, registration = defacer.prepare(img)
+    return defacer.apply(volume, canon, oracle_probs(defacer, canon), registration)
 
 
 def test_removes_face_keeps_everything_else(defacer):
@@ -37,7 +38,7 @@ def test_removes_face_keeps_everything_else(defacer):
 
 def test_brain_protected_even_when_network_says_face(defacer):
     img = make_phantom()
-    volume, canon = defacer.prepare(img)
+    volume, canon, registration = defacer.prepare(img)
     probs = oracle_probs(defacer, canon)
     brain = probs[BRAIN] > 0.5
     # The network claims face with 0.7 everywhere, brain with 0.3 where the brain is.
@@ -45,7 +46,7 @@ def test_brain_protected_even_when_network_says_face(defacer):
     probs[FACE] = 0.7
     probs[BRAIN][brain] = 0.3
     probs[0][~brain] = 0.3
-    result = defacer.apply(volume, canon, probs)
+    result = defacer.apply(volume, canon, probs, registration)
     truth = phantom_truth(world_points(img.shape, img.affine))
     assert result.mask.any()
     assert not result.mask[truth == BRAIN].any()
@@ -125,12 +126,12 @@ def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
     img = make_phantom()
     truth = phantom_truth(world_points(img.shape, img.affine))
     stripped = nib.Nifti1Image(np.where(truth == BRAIN, np.asanyarray(img.dataobj), 0).astype(np.int16), img.affine)
-    volume, canon = defacer.prepare(stripped)
+    volume, canon, registration = defacer.prepare(stripped)
     probs = oracle_probs(defacer, canon)
     points = world_points(canon.grid.shape, canon.grid.affine)
     frontal = (probs[BRAIN] > 0.5) & torch.from_numpy(points[..., 1] > 40)
     probs[FACE][frontal], probs[BRAIN][frontal] = 1.0, 0.0
-    result = defacer.apply(volume, canon, probs)
+    result = defacer.apply(volume, canon, probs, registration)
     assert result.stats["brain_only"] and not result.stats["face_found"]
     assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
 
@@ -147,7 +148,7 @@ def test_confused_network_does_not_make_a_whole_head_brain_only(defacer):
     big = img.affine.copy()
     big[:3, :3] *= 1.3  # the phantom at adult size: about 4.6 L of head
     head_img = nib.Nifti1Image(np.asanyarray(img.dataobj), big)
-    volume, canon = defacer.prepare(head_img)
+    volume, canon, registration = defacer.prepare(head_img)
     probs = oracle_probs(defacer, canon)
     points = world_points(canon.grid.shape, canon.grid.affine)
     tissue = canon.image[0] > 0.08
@@ -155,7 +156,7 @@ def test_confused_network_does_not_make_a_whole_head_brain_only(defacer):
     probs[BRAIN][confused], probs[0][confused] = 1.0, 0.0
     face = tissue & torch.from_numpy(points[..., 1] > 128)  # the nose: little tissue beyond the "brain"
     probs[FACE][face], probs[BRAIN][face], probs[0][face] = 1.0, 0.0, 0.0
-    result = defacer.apply(volume, canon, probs)
+    result = defacer.apply(volume, canon, probs, registration)
     assert not result.stats["brain_only"] and result.stats["face_found"] and result.stats["removed_voxels"] > 0
 
 
@@ -242,12 +243,12 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
     points = world_points(img.shape, img.affine)
     to_atlas = np.diag([1.2, 1.0, 1.0, 1.0])
     network = build_network(TINY_ARCHITECTURE)
-    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon = dataclasses.replace(canon, to_atlas=to_atlas, registration="ok")
+    volume, canon, _ = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no atlas
+    registration = Registration(to_atlas, "ok", 0.0)
     masks = {}
     for ears in (False, True):
         d = Defacer(network=network, metadata=tiny_metadata, device="cpu", ears=ears)
-        result = d.apply(volume, canon, oracle_probs(d, canon))
+        result = d.apply(volume, canon, oracle_probs(d, canon), registration)
         assert result.stats["ears_removed"] is ears and result.stats["brain_voxels_changed"] == 0
         assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
         masks[ears] = result.mask
@@ -270,15 +271,15 @@ def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_
     to_atlas = np.diag([1.0, 1.25, 1.0, 1.0])
     in_atlas = points * np.array([1.0, 1.25, 1.0])
     network = build_network(TINY_ARCHITECTURE)
-    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon = dataclasses.replace(canon, to_atlas=to_atlas, registration="ok")
+    volume, canon, _ = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no atlas
+    registration = Registration(to_atlas, "ok", 0.0)
     masks = {}
     for complete in (False, True):
         d = Defacer(network=network, metadata=tiny_metadata, device="cpu", post={"atlas": True, "atlas_complete": complete})
         probs = oracle_probs(d, canon)
         upper = torch.from_numpy(world_points(canon.grid.shape, canon.grid.affine)[..., 2] > -20)
         probs[0][upper & (probs[FACE] > 0.5)], probs[FACE][upper] = 1.0, 0.0
-        result = d.apply(volume, canon, probs)
+        result = d.apply(volume, canon, probs, registration)
         assert result.stats["brain_voxels_changed"] == 0
         assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
         masks[complete] = result.mask
@@ -457,7 +458,8 @@ def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch
     assert d.post.atlas_margin_front_mm < 5.5 < d.post.atlas_margin_mm
     shape = (8, 40, 8)
     grid = Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0]))  # 1 mm voxels: voxel y index = MNI y with this registration
-    canon = CanonicalInput(torch.zeros((1, *shape)), grid, torch.ones(shape, dtype=torch.bool), np.eye(4), "ok")
+    canon = CanonicalInput(torch.zeros((1, *shape)), grid, torch.ones(shape, dtype=torch.bool))
+    registration = Registration(np.eye(4), "ok", 0.0)
     brain = torch.zeros(shape, dtype=torch.bool)
     y0 = int(d.post.atlas_front_y_mm)
     brain[:, y0 + 6, :] = True  # a slab in front of y0 ...
@@ -480,7 +482,7 @@ def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch
 
     monkeypatch.setattr(inference, "to_native", spy)
     volume = io.from_image(nib.Nifti1Image(np.ones(shape, np.float32), grid.affine))
-    result = d.apply(volume, canon, torch.zeros((4, *shape)))
+    result = d.apply(volume, canon, torch.zeros((4, *shape)), registration)
     assert result.stats["atlas_margin_front_mm"] == d.post.atlas_margin_front_mm
     column = protected["canonical"][4, :, 4]
     assert bool(column[y0 + 6 - 5]) and not bool(column[y0 + 6 - 6])  # in front: 5 mm kept, 6 mm away goes

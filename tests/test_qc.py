@@ -19,8 +19,8 @@ def _phantom_arrays():
 
 def test_renders_change_only_where_the_face_was_removed(defacer):
     img, data = _phantom_arrays()
-    volume, canon = defacer.prepare(img)
-    result = defacer.apply(volume, canon, oracle_probs(defacer, canon))
+    volume, canon, registration = defacer.prepare(img)
+    result = defacer.apply(volume, canon, oracle_probs(defacer, canon), registration)
     after = result.volume.scaled(result.raw)
     before_views, threshold = render_views(data, img.affine, spacing=2.0)
     after_views, _ = render_views(after, img.affine, threshold=threshold, spacing=2.0)
@@ -76,8 +76,8 @@ def test_check_flags_undefaced_and_passes_defaced(defacer):
     detector = _same_face_detector(views["front"])
     same = facecheck.check_renders(views, views, detector=detector)
     assert same.original_views["front"] == 1 and not same.passed and same.face_found_after == ["front"]
-    volume, canon = defacer.prepare(img)
-    result = defacer.apply(volume, canon, oracle_probs(defacer, canon))
+    volume, canon, registration = defacer.prepare(img)
+    result = defacer.apply(volume, canon, oracle_probs(defacer, canon), registration)
     after, _ = render_views(result.volume.scaled(result.raw), img.affine, {"front": 0.0}, threshold=threshold, spacing=2.0)
     defaced = facecheck.check_renders(views, after, detector=detector)
     assert defaced.passed and defaced.face_found_after == []

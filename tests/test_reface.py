@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from deface import reface
+from deface.atlas import Registration
 from deface.preprocessing import Grid, resample, voxel_sizes
 
 T2_LIKE = np.array([3.0, 40.0, 180.0, 90.0])  # air, dark, middle, bright: an order no T1 has
@@ -134,10 +133,10 @@ def test_defacer_reface_paints_only_the_mask_and_keeps_the_brain(tiny_metadata):
 
     img = make_phantom(angle_deg=8.0)
     network = build_network(TINY_ARCHITECTURE)
-    volume, canon = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no registration
-    canon = dataclasses.replace(canon, to_atlas=np.diag([1.0, 0.9, 1.0, 1.0]), registration="ok")
+    volume, canon, _ = Defacer(network=network, metadata=tiny_metadata, device="cpu").prepare(img)  # no atlas
+    registration = Registration(np.diag([1.0, 0.9, 1.0, 1.0]), "ok", 0.0)
     d = Defacer(network=network, metadata=tiny_metadata, device="cpu", mode="reface")
-    result = d.apply(volume, canon, oracle_probs(d, canon))
+    result = d.apply(volume, canon, oracle_probs(d, canon), registration)
     truth = phantom_truth(world_points(img.shape, img.affine))
     changed = result.raw != volume.raw
     assert result.stats["mode"] == "reface" and changed.any() and not (changed & ~result.mask).any()

@@ -143,12 +143,12 @@ def better_fit(data: np.ndarray, affine: np.ndarray, fixed: Head, to_atlas: np.n
     from deface.atlas import head_mi
 
     defacer = _registering_defacer()
-    _, canon = defacer.prepare(nib.Nifti1Image(np.asarray(data, np.float32), affine))
-    if canon.to_atlas is None:
+    wrapper = defacer.prepare(nib.Nifti1Image(np.asarray(data, np.float32), affine))[2].to_atlas
+    if wrapper is None:
         return to_atlas
-    mine, theirs = head_mi(fixed, defacer.atlas.head, to_atlas), head_mi(fixed, defacer.atlas.head, canon.to_atlas)
+    mine, theirs = head_mi(fixed, defacer.atlas.head, to_atlas), head_mi(fixed, defacer.atlas.head, wrapper)
     log.info("labelling registration MI %.3f, the wrapper's %.3f", mine, theirs)
-    return canon.to_atlas if theirs < mine else to_atlas
+    return wrapper if theirs < mine else to_atlas
 
 
 def qc_png(data: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: Path, title: str = "") -> None:
