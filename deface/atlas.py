@@ -100,7 +100,7 @@ class Registration:
     """How the atlas registration of one image went."""
 
     to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas; None when failed or implausible
-    status: str  # "ok", "implausible" or "failed: <reason>"
+    status: str  # "ok", "implausible" or "failed: <reason>" (deface.inference adds DEFERRED, NOT_NEEDED)
     seconds: float
     mi: float = float("inf")  # ``head_mi`` of the result on the grid it was registered on (lower: better)
 

@@ -24,12 +24,15 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import (PostprocessConfig, canonical_masks, grow, protect_also, remove_also, restrict_to,
-                                  to_native)
+from deface.postprocessing import (PostprocessConfig, canonical_masks, filled_tissue_ml, grow, protect_also,
+                                  remove_also, restrict_to, to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 if TYPE_CHECKING:
     from deface.atlas import Registration
+
+DEFERRED = "deferred"  # Registration.status: prepare left it to apply (the image may be brain-only)
+NOT_NEEDED = "not needed (brain-only)"  # ... and apply found it brain-only: nothing is removed
 
 log = logging.getLogger("deface")
 # matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
@@ -129,7 +132,7 @@ class Outcome:
 
 def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     """(status, summary) of one defaced image from its stats; logs what the user must check."""
-    if stats.get("atlas_registration", "off") not in ("ok", "off"):
+    if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
         log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                     name, stats["atlas_registration"])
     if stats.get("reface_fallback"):
@@ -177,7 +180,8 @@ class Defacer:
     ``ears``: remove the ears too (deface.anatomy's ear region through the atlas registration,
     outside every protected voxel); off by default, as in fsl_deface.
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
-    beside the network), its brain is protected in ``apply``.
+    beside the network), its brain is protected in ``apply``; an image small enough to be a
+    skull-stripped brain is registered in ``apply`` instead, and only if it is a head.
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", mode: str = "zero",
@@ -231,7 +235,10 @@ class Defacer:
                 ) -> tuple[io.Volume, CanonicalInput, Registration | None]:
         """Load (if needed), bring the reference volume to the canonical grid and register the
         atlas to it (CPU work): (volume, network input, the atlas registration or None without an
-        atlas; its ``seconds`` count the pose search and retries too)."""
+        atlas). An image with no more tissue than a skull-stripped brain can have
+        (``brain_only_max_tissue_ml``) is not registered here: its registration says "deferred",
+        and ``apply`` registers it only if the network finds a head, not a brain alone (the
+        registration is most of a head's time, and a brain-only image is left whole anyway)."""
         if isinstance(source, io.Volume):
             volume = source
         elif isinstance(source, (str, Path)):
@@ -244,6 +251,18 @@ class Defacer:
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:
             return volume, canon, None
+        from deface.atlas import Registration
+
+        signal = (canon.image[0] > self.post.tissue_threshold).numpy() & canon.inside.numpy()
+        if filled_tissue_ml(signal, self.spacing) <= self.post.brain_only_max_tissue_ml:
+            return volume, canon, Registration(None, DEFERRED, 0.0)
+        canon, registration = self.register(volume, canon)
+        return volume, canon, registration
+
+    def register(self, volume: io.Volume, canon: CanonicalInput) -> tuple[CanonicalInput, Registration]:
+        """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
+        upright when the head is far tilted, or ``canon`` itself; the registration, its
+        ``seconds`` counting the pose search and retries too)."""
         from deface.atlas import (RETRY_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   rotation_deg)
 
@@ -264,6 +283,7 @@ class Defacer:
             start = head_pose(self.atlas, head)
             pose = rigid_part(start[:3, :3])
             if rotation_deg(pose) > self.post.atlas_search_deg:
+                ref = volume.reference(self.mask_from)
                 seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
                 searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
@@ -274,7 +294,7 @@ class Defacer:
                 if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
                     turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
                     canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
-        return volume, canon, replace(reg, seconds=time.perf_counter() - t0)
+        return canon, replace(reg, seconds=time.perf_counter() - t0)
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
@@ -293,10 +313,13 @@ class Defacer:
     def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
               registration: Registration | None = None) -> DefaceResult:
         """Masks from probabilities, then the replaced voxels; brain protection is applied here.
-        ``registration``: ``prepare``'s, needed whenever this Defacer has an atlas."""
-        t0 = time.perf_counter()
+        ``registration``: ``prepare``'s, needed whenever this Defacer has an atlas (a deferred one
+        is done here, unless the image is brain-only)."""
         if self.atlas is not None and registration is None:
             raise ValueError("the atlas guard and --mode reface need the registration from Defacer.prepare")
+        if registration is not None and registration.status == DEFERRED:
+            canon, probs, registration = self.register_unless_brain_only(volume, canon, probs)
+        t0 = time.perf_counter()
         to_atlas = registration.to_atlas if registration is not None else None
         guard = support = None
         if self.post.atlas and to_atlas is not None:
@@ -347,13 +370,27 @@ class Defacer:
             "noise_from_zero_air": self.mode == "noise" and bool(remove.any())
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
             "mode": self.mode_for(to_atlas),  # the mode used: reface falls back to zero unregistered
-            "reface_fallback": self.mode_for(to_atlas) != self.mode,
+            "reface_fallback": self.mode_for(to_atlas) != self.mode and removed > 0,
             "ears_removed": wants_ears,
             "atlas_registration": registration.status if registration is not None else "off",
             "atlas_s": round(registration.seconds, 3) if registration is not None else 0.0,
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid)
+
+    def register_unless_brain_only(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor
+                                   ) -> tuple[CanonicalInput, torch.Tensor, Registration]:
+        """The registration ``prepare`` deferred: none for an image the network's masks call
+        brain-only (status ``NOT_NEEDED``), else ``register`` (with the network run again when the
+        head is turned upright for it). Returns (canon, probs, registration) for ``apply``."""
+        from deface.atlas import Registration
+
+        if canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0]).brain_only:
+            return canon, probs, Registration(None, NOT_NEEDED, 0.0)
+        turned, registration = self.register(volume, canon)
+        if turned is not canon:
+            probs = self.predict([turned])[0]
+        return turned, probs, registration
 
     def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, mni: np.ndarray
                          ) -> tuple[torch.Tensor, float]:

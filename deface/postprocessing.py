@@ -193,6 +193,14 @@ def face_direction(face: np.ndarray, brain: np.ndarray) -> tuple[int, int]:
     return axis, (1 if d[axis] >= 0 else -1)
 
 
+def filled_tissue_ml(tissue: np.ndarray, spacing: float, filled: np.ndarray | None = None) -> float:
+    """The volume (mL) of ``tissue`` (bool, isotropic ``spacing`` mm) with its holes filled (the
+    ventricles of a dark-CSF contrast count): a skull-stripped brain has at most
+    ``brain_only_max_tissue_ml`` of it. ``filled``: that fill, when the caller has it."""
+    filled = ndi.binary_fill_holes(tissue) if filled is None else filled
+    return float(filled.sum()) * spacing**3 / 1000.0
+
+
 def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig) -> bool:
     """True when nearly all head tissue lies within a margin of the brain (a skull-stripped image).
 
@@ -204,7 +212,7 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
     filled = ndi.binary_fill_holes(tissue)
     total = int(filled.sum())
     voxel_ml = spacing**3 / 1000.0
-    if total == 0 or total * voxel_ml > cfg.brain_only_max_tissue_ml:
+    if total == 0 or filled_tissue_ml(tissue, spacing, filled) > cfg.brain_only_max_tissue_ml:
         return False
     if float(brain.sum()) * voxel_ml > cfg.brain_only_max_brain_ml:
         return False

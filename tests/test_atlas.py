@@ -301,3 +301,84 @@ def test_mutual_information_registration_is_reproducible_under_load():
         loaded = list(pool.map(register, range(3)))
     for other in loaded:
         np.testing.assert_array_equal(other, alone)
+
+
+def tiny_atlas_defacer(**post):
+    from deface.inference import Defacer
+
+    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, **post}}
+    torch.manual_seed(0)
+    return Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu")
+
+
+def test_a_skull_stripped_image_is_never_registered(monkeypatch):
+    """A brain alone (no more tissue than ``brain_only_max_tissue_ml``) is not registered in
+    ``prepare``; when the network's masks call it brain-only, ``apply`` does not register it
+    either, and the image comes back unchanged."""
+    import deface.atlas
+    from deface.atlas import brain_on_grid
+    from deface.inference import DEFERRED, NOT_NEEDED, outcome_of
+    from deface.postprocessing import grow
+    from deface.preprocessing import Grid
+
+    defacer = tiny_atlas_defacer()
+    head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
+    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
+    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("a brain-only image was registered")
+
+    monkeypatch.setattr(deface.atlas, "register_atlas", no_registration)
+    volume, canon, registration = defacer.prepare(stripped)
+    assert registration.status == DEFERRED and registration.to_atlas is None
+    world = world_points(canon.grid.shape, canon.grid.affine)
+    tissue = canon.image[0] > 0.08
+    frontal = tissue & torch.from_numpy(world[..., 1] > 45)  # the network calls the frontal pole face
+    probs = torch.zeros((3, *tissue.shape))
+    probs[2] = (tissue & ~frontal).float()
+    probs[FACE] = frontal.float()
+    probs[BACKGROUND] = 1 - probs[2] - probs[FACE]
+    result = defacer.apply(volume, canon, probs, registration)
+    assert result.stats["brain_only"] and result.stats["atlas_registration"] == NOT_NEEDED
+    assert result.stats["atlas_s"] == 0.0 and np.array_equal(result.raw, volume.raw)
+    assert outcome_of("stripped", result.stats)[0] == "brain only"
+
+
+def test_a_deferred_head_is_registered_as_it_would_have_been():
+    """A head small enough to be deferred (here by raising ``brain_only_max_tissue_ml``) that the
+    network does not call brain-only is registered in ``apply``: same registration, same mask as
+    registered in ``prepare``."""
+    from deface.inference import DEFERRED
+
+    img = nib.load(str(EXAMPLE_HEAD))
+    results = []
+    for post in ({}, {"brain_only_max_tissue_ml": 1e6}):
+        defacer = tiny_atlas_defacer(**post)
+        volume, canon, registration = defacer.prepare(img)
+        assert (registration.status == DEFERRED) == bool(post)
+        results.append(defacer.apply(volume, canon, greedy_probs(canon), registration))
+    now, deferred = results
+    assert deferred.stats["atlas_registration"] == "ok" and deferred.stats["atlas_s"] > 0
+    np.testing.assert_array_equal(deferred.to_atlas, now.to_atlas)
+    assert deferred.mask.sum() > 5000 and np.array_equal(deferred.mask, now.mask)
+
+
+def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
+    """Registered in ``apply``, a far-tilted head is still turned upright for the network, which
+    runs again on the turned grid; the frontal brain stays protected."""
+    from deface.atlas import euler
+
+    defacer = tiny_atlas_defacer(brain_only_max_tissue_ml=1e6)
+    upright = nib.load(str(EXAMPLE_HEAD))
+    tilt = np.eye(4)
+    tilt[:3, :3] = euler(35.0, 15.0, 0.0)
+    img = nib.Nifti1Image(np.asarray(upright.dataobj), tilt @ upright.affine)
+    volume, canon, registration = defacer.prepare(img)
+    result = defacer.apply(volume, canon, greedy_probs(canon), registration)
+    assert result.stats["atlas_registration"] == "ok"
+    turned = result.grid.affine[:3, :3]
+    assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network saw a turned grid
+    assert result.probs.shape[1:] == result.grid.shape  # ... and its probabilities are on it
+    assert not result.mask[frontal_voxels(upright)].any()
