@@ -40,6 +40,13 @@ class PostprocessConfig:
     # 2,450-2,980 mL of "brain") must not make a whole head pass as skull-stripped.
     brain_only_max_tissue_ml: float = 2400.0
     brain_only_max_brain_ml: float = 2200.0
+    # ... and only if no more than ``brain_only_max_far_face_ml`` of the network's face lies beyond
+    # ``brain_only_far_face_mm`` of its brain: a field of view cut at the mouth leaves little
+    # tissue beyond the brain (IXI 296: 349 mL, 17 %, as little as a skull-stripped stroke T2's
+    # 294 mL), but its nose and cheeks lie far from the brain (63-82 mL of face beyond 15 mm),
+    # while frontal lobe a network calls face in a skull-stripped image lies near it (<= 29 mL).
+    brain_only_far_face_mm: float = 15.0
+    brain_only_max_far_face_ml: float = 45.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
     # grown by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
@@ -201,13 +208,15 @@ def filled_tissue_ml(tissue: np.ndarray, spacing: float, filled: np.ndarray | No
     return float(filled.sum()) * spacing**3 / 1000.0
 
 
-def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig) -> bool:
+def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig,
+                     face: np.ndarray | None = None) -> bool:
     """True when nearly all head tissue lies within a margin of the brain (a skull-stripped image).
 
-    ``tissue``: voxels holding signal; ``brain``: predicted brain, both on the canonical grid. A
-    whole head, even cropped tightly around the face, has hundreds of mL of scalp, skull, face and
-    neck beyond the margin; a brain-extracted image has only stray rim voxels there. Both volumes
-    must also fit one brain (``brain_only_max_*_ml``), whatever the network says.
+    ``tissue``: voxels holding signal; ``brain``: predicted brain; ``face``: predicted face, all on
+    the canonical grid. A whole head, even cropped tightly around the face, has hundreds of mL of
+    scalp, skull, face and neck beyond the margin; a brain-extracted image has only stray rim
+    voxels there. Both volumes must also fit one brain (``brain_only_max_*_ml``), whatever the
+    network says, and the face must lie near the brain (``brain_only_*far_face*``).
     """
     filled = ndi.binary_fill_holes(tissue)
     total = int(filled.sum())
@@ -218,7 +227,12 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
         return False
     near = dilate(brain, int(np.ceil(cfg.brain_only_margin_mm / spacing))).numpy()
     beyond = int((filled & ~near).sum())
-    return beyond / total < cfg.brain_only_fraction and beyond * voxel_ml < cfg.brain_only_ml
+    if not (beyond / total < cfg.brain_only_fraction and beyond * voxel_ml < cfg.brain_only_ml):
+        return False
+    if face is not None and face.any() and brain.any():
+        far = ndi.distance_transform_edt(~brain.numpy()) * spacing > cfg.brain_only_far_face_mm
+        return float((face & far).sum()) * voxel_ml <= cfg.brain_only_max_far_face_ml
+    return True
 
 
 def class_map(probs: torch.Tensor) -> torch.Tensor:
@@ -266,7 +280,7 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg)
+    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     if not found or brain_only:
         return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face

@@ -335,7 +335,7 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert registration.status == DEFERRED and registration.to_atlas is None
     world = world_points(canon.grid.shape, canon.grid.affine)
     tissue = canon.image[0] > 0.08
-    frontal = tissue & torch.from_numpy(world[..., 1] > 45)  # the network calls the frontal pole face
+    frontal = tissue & torch.from_numpy(world[..., 1] > 55)  # the network calls the frontal pole face
     probs = torch.zeros((3, *tissue.shape))
     probs[2] = (tissue & ~frontal).float()
     probs[FACE] = frontal.float()

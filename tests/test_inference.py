@@ -487,3 +487,21 @@ def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch
     column = protected["canonical"][4, :, 4]
     assert bool(column[y0 + 6 - 5]) and not bool(column[y0 + 6 - 6])  # in front: 5 mm kept, 6 mm away goes
     assert bool(column[y0 - 12 + 6]) and not bool(column[y0 - 12 + 7])  # behind: 6 mm kept
+
+
+def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
+    """Little tissue beyond the brain (a field of view cut at the mouth) passed as skull-stripped
+    and kept its face; a face lying far beyond the brain says it is a head. Face called near the
+    brain (frontal lobe, as a network may call it in a skull-stripped image) does not."""
+    from deface.postprocessing import PostprocessConfig, looks_brain_only
+
+    cfg, spacing = PostprocessConfig(), 2.0
+    mm = (np.indices((80, 84, 76)).transpose(1, 2, 3, 0) - np.array([40, 38, 38])) * spacing
+    r = np.linalg.norm(mm, axis=-1)
+    brain = torch.from_numpy(r <= 45.0)
+    tissue = r <= 49.0  # the brain and a thin rim of CSF
+    nose_and_cheeks = (mm[..., 1] > 61) & (mm[..., 1] <= 81) & (np.abs(mm[..., 0]) <= 35) & (np.abs(mm[..., 2]) <= 25)
+    frontal = tissue & (mm[..., 1] > 30)
+    assert looks_brain_only(tissue | nose_and_cheeks, brain, spacing, cfg)  # by the tissue rule alone
+    assert not looks_brain_only(tissue | nose_and_cheeks, brain, spacing, cfg, nose_and_cheeks)
+    assert looks_brain_only(tissue, brain & ~torch.from_numpy(frontal), spacing, cfg, frontal)
