@@ -1,0 +1,117 @@
+"""Where the render keeps the face, and why: for each pixel of the front render where the labelled
+face surface is still within 2 mm of where it was (the attack's ``surface_kept``), what protects
+the tissue 3 mm under it, first reason first, with a picture per head:
+
+    python scripts/kept_render.py --subjects real_ixi052_t1 real_nichart_demo_s18_t1:tilted --png-dir /tmp/kept
+
+- atlas brain: inside the registered atlas brain + its margins;
+- network brain: inside the network's brain + the brain margin;
+- outside region: outside the registered face region + its margin;
+- not wanted: neither the network's face nor the face region to complete;
+- other: wanted and allowed, yet not removed (e.g. a component the face rules dropped, or only a
+  thin layer removed above tissue that is not).
+A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
+it (e.g. ``tilted``, ``crop_mouth``), in its original contrast. ``scripts/kept_face.py`` asks the
+same of the labelled face voxels instead of the rendered surface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REASONS = ("atlas brain", "network brain", "outside region", "not wanted", "other")
+COLOURS = ((255, 0, 0), (0, 255, 0), (255, 255, 0), (0, 160, 255), (255, 255, 255))
+DEPTH_MM = 3.0
+
+
+def front_depth(mask: np.ndarray) -> np.ndarray:
+    """(X, Z) index of the most anterior voxel of ``mask`` (X, Y, Z) along y; -1 where none."""
+    ys = np.arange(mask.shape[1])[None, :, None]
+    return np.where(mask.any(1), np.where(mask, ys, -1).max(1), -1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", type=Path, default=Path("data_cache"))
+    p.add_argument("--subjects", nargs="+", required=True)
+    p.add_argument("--png-dir", type=Path, default=None, help="write one picture per subject here")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from evaluate import cache_head
+
+    from deface import FACE, Defacer
+    from deface.anatomy import face_region_mni
+    from deface.atlas import atlas_points, brain_on_grid
+    from deface.attack import KEPT_MM
+    from deface.evaluation import acquisition_variant, contrast_variant
+    from deface.postprocessing import canonical_masks, grow
+    from deface.preprocessing import resample
+    from deface.render import head_surface_volume, render_grid
+
+    d = Defacer()
+    cfg = d.post
+    print("subject | kept | " + " | ".join(REASONS) + " | registration | front margin mm")
+    for subject in args.subjects:
+        name, _, kind = subject.partition(":")
+        data, labels, affine = cache_head(args.cache, name)
+        if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
+            data, labels, affine = acquisition_variant(data, labels, affine, kind)
+            data = contrast_variant(data, labels, "original")
+        volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
+        probs = d.predict([canon])[0]
+        result = d.apply(volume, canon, probs, registration)
+        canon_grid, probs = result.grid, result.probs  # a deferred registration may turn the grid
+        to_atlas = result.to_atlas
+        shape = canon_grid.shape
+        if to_atlas is None:  # unregistered (brain-only, failed, or no atlas): the network alone
+            network = canonical_masks(probs, d.spacing, cfg).protect.numpy()
+            atlas, zone, wanted_region = np.zeros(shape, bool), np.ones(shape, bool), np.zeros(shape, bool)
+        else:  # as Defacer.apply protects and bounds it
+            guard = brain_on_grid(d.atlas, to_atlas, canon_grid, cfg.atlas_threshold)
+            masks = canonical_masks(probs, d.spacing, cfg, brain_support=grow(guard, cfg.atlas_brain_support_mm, d.spacing))
+            network = masks.protect.numpy()
+            mni = atlas_points(to_atlas, canon_grid)
+            atlas = d.atlas_protection(guard, masks.protect, mni)[0].numpy()
+            zone = face_region_mni(mni, cfg.atlas_face_margin_mm, cfg.atlas_face_bottom_margin_mm)
+            wanted_region = face_region_mni(mni)
+        wanted = (probs.argmax(0).numpy() == FACE) | wanted_region
+        masks_by_reason = (atlas, network, ~zone, ~wanted)
+
+        defaced = np.asarray(result.raw, np.float32)
+        head_o, threshold = head_surface_volume(data, affine)
+        head_d, _ = head_surface_volume(defaced, affine, threshold=threshold)
+        grid = render_grid(data.shape, affine)
+        face = resample(torch.from_numpy((labels == FACE).astype(np.float32))[None], affine, grid, mode="nearest")[0]
+        y_o, y_d = front_depth(head_o.numpy() > 0.5), front_depth(head_d.numpy() > 0.5)
+        x_i, z_i = np.indices(y_o.shape)
+        on_face = (y_o >= 0) & (face.numpy()[x_i, np.clip(y_o, 0, None), z_i] > 0.5)
+        kept = on_face & (y_d >= 0) & (np.abs(y_o - y_d) <= KEPT_MM)  # the render grid is 1 mm
+        to_canon = np.linalg.inv(canon_grid.affine) @ grid.affine
+        counts = np.zeros(len(REASONS))
+        picture = np.zeros((*y_o.shape[::-1], 3), np.uint8)
+        picture[on_face.T] = 60
+        for x, z in zip(*np.nonzero(kept)):
+            point = to_canon @ np.array([x, y_o[x, z] - DEPTH_MM, z, 1.0])
+            i = tuple(np.clip(np.round(point[:3]).astype(int), 0, np.array(shape) - 1))
+            reason = next((k for k, m in enumerate(masks_by_reason) if m[i]), len(REASONS) - 1)
+            counts[reason] += 1
+            picture[z, x] = COLOURS[reason]
+        n = max(int(on_face.sum()), 1)
+        print(f"{subject} | {kept.sum() / n:.3f} | " + " | ".join(f"{c / n:.3f}" for c in counts)
+              + f" | {result.stats['atlas_registration']} | {result.stats['atlas_margin_front_mm']}", flush=True)
+        if args.png_dir is not None:
+            from PIL import Image
+
+            args.png_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(picture[::-1])).save(args.png_dir / f"{subject.replace(':', '_')}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
