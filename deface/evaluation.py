@@ -134,7 +134,9 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     in world space (same array); ``crop_chin``: no neck, the field of view ends 5 mm below the
     lowest face voxel; ``crop_mouth``: it ends halfway up the face (lips and chin cut off);
     ``crop_nose``: the anterior edge cuts 12 mm off the front of the face (nose tip gone);
-    ``brain_only``: every voxel outside the brain label set to 0 (nothing may change).
+    ``brain_only``: every voxel outside the brain label set to 0 (nothing may change), and its
+    label too: there is no face left, and ``contrast_variant`` must not light the empty head up
+    (its T2-like version was a bright solid head around an inverted brain until 2026-12-04 (d)).
     """
     data = data.astype(np.float32)
     if kind == "original":
@@ -155,7 +157,8 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         rot[:3, :3] = euler(25.0, 12.0, 0.0)  # pitched 25 degrees, then rolled 12
         return data, labels, rot @ affine
     if kind == "brain_only":
-        return np.where(labels == BRAIN, data, 0).astype(np.float32), labels, affine
+        brain = labels == BRAIN
+        return np.where(brain, data, 0).astype(np.float32), np.where(brain, labels, 0).astype(labels.dtype), affine
     face = labels == FACE
     if not face.any():
         raise ValueError("the crop variants need a labelled face")

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from deface.atlas import Registration
 
 DEFERRED = "deferred"  # Registration.status: prepare left it to apply (the image may be brain-only)
-NOT_NEEDED = "not needed (brain-only)"  # ... and apply found it brain-only: nothing is removed
+NOT_NEEDED = "not needed (skull-stripped)"  # ... and apply found it skull-stripped: nothing is removed
 
 log = logging.getLogger("deface")
 # matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
@@ -381,11 +381,12 @@ class Defacer:
     def register_unless_brain_only(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor
                                    ) -> tuple[CanonicalInput, torch.Tensor, Registration]:
         """The registration ``prepare`` deferred: none for an image the network's masks call
-        brain-only (status ``NOT_NEEDED``), else ``register`` (with the network run again when the
-        head is turned upright for it). Returns (canon, probs, registration) for ``apply``."""
+        skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
+        it either way), else ``register`` (with the network run again when the head is turned
+        upright for it). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        if canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0]).brain_only:
+        if canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0]).looks_stripped:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         turned, registration = self.register(volume, canon)
         if turned is not canon:

@@ -119,6 +119,7 @@ class CanonicalMasks:
     face_found: bool
     brain_only: bool = False
     brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the registered atlas brain
+    looks_stripped: bool = False  # looks_brain_only, face or not (brain_only: with a face found)
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -280,15 +281,16 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    stripped = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    brain_only = found and stripped
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, stripped)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
-    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml)
+    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml, looks_stripped=stripped)
 
 
 def protect_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:

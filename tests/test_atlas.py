@@ -314,8 +314,8 @@ def tiny_atlas_defacer(**post):
 
 def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     """A brain alone (no more tissue than ``brain_only_max_tissue_ml``) is not registered in
-    ``prepare``; when the network's masks call it brain-only, ``apply`` does not register it
-    either, and the image comes back unchanged."""
+    ``prepare``; when the network's masks say it looks skull-stripped (a face found or not),
+    ``apply`` does not register it either, and the image comes back unchanged."""
     import deface.atlas
     from deface.atlas import brain_on_grid
     from deface.inference import DEFERRED, NOT_NEEDED, outcome_of
@@ -344,6 +344,10 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert result.stats["brain_only"] and result.stats["atlas_registration"] == NOT_NEEDED
     assert result.stats["atlas_s"] == 0.0 and np.array_equal(result.raw, volume.raw)
     assert outcome_of("stripped", result.stats)[0] == "brain only"
+    probs[FACE], probs[BACKGROUND] = 0.0, frontal.float()  # a network that finds no face: "no face", unregistered too
+    result = defacer.apply(volume, canon, probs, registration)
+    assert not result.stats["face_found"] and result.stats["atlas_registration"] == NOT_NEEDED
+    assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
 
 
 def test_a_deferred_head_is_registered_as_it_would_have_been():
