@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head, independent_mask
 
     from deface import BRAIN, Defacer
+    from deface.inference import DEFERRED
     from deface.atlas import brain_on_grid
     from deface.evaluation import acquisition_variant
     from deface.preprocessing import resample
@@ -60,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         indep = independent_mask(args.cache, name, data, affine, args.independent) if args.independent else None
         for kind in args.acquisitions:
             image, lab, aff = acquisition_variant(data, labels, affine, kind)
+            indep_k = None if indep is None else acquisition_variant(indep.astype(np.float32), labels, affine, kind)[0] >= 0.5
             t0 = time.perf_counter()
-            _, canon, registration = defacer.prepare(nib.Nifti1Image(image, aff))
+            volume, canon, registration = defacer.prepare(nib.Nifti1Image(image, aff))
+            if registration.status == DEFERRED:  # a small image: the wrapper registers it once it is a head
+                canon, registration = defacer.register(volume, canon)
             seconds = time.perf_counter() - t0
             if registration.to_atlas is None:
                 print(f"{name} | {kind} | {seconds:.1f} | registration {registration.status}", flush=True)
                 continue
             atlas_brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid,
                                         defacer.post.atlas_threshold).numpy()
-            masks = [lab == BRAIN] + ([indep] if indep is not None else [])
+            masks = [lab == BRAIN] + ([indep_k] if indep_k is not None else [])
             figures = []
             for mask in masks:
                 on_grid = resample(torch.from_numpy(mask.astype(np.float32))[None], aff, canon.grid)[0].numpy() >= 0.5
