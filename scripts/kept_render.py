@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = Defacer()
     cfg = d.post
-    print("subject | kept | " + " | ".join(REASONS) + " | registration | front margin mm")
+    print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm")
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
         data, labels, affine = cache_head(args.cache, name)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             counts[reason] += 1
             picture[z, x] = COLOURS[reason]
         n = max(int(on_face.sum()), 1)
-        print(f"{subject} | {kept.sum() / n:.3f} | " + " | ".join(f"{c / n:.3f}" for c in counts)
+        print(f"{subject} | {int(on_face.sum())} | {kept.sum() / n:.3f} | " + " | ".join(f"{c / n:.3f}" for c in counts)
               + f" | {result.stats['atlas_registration']} | {result.stats['atlas_margin_front_mm']}", flush=True)
         if args.png_dir is not None:
             from PIL import Image
