@@ -369,6 +369,7 @@ def test_a_deferred_head_is_registered_as_it_would_have_been():
     assert deferred.mask.sum() > 5000 and np.array_equal(deferred.mask, now.mask)
 
 
+@pytest.mark.slow  # a tilted head's pose search: 30-40 s on 2 cores
 def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     """Registered in ``apply``, a far-tilted head is still turned upright for the network, which
     runs again on the turned grid; the frontal brain stays protected."""
