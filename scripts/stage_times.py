@@ -12,6 +12,7 @@ T0 = time.perf_counter()
 
 import argparse  # noqa: E402
 import resource  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     t5 = time.perf_counter()
     result = d.apply(volume, canon, probs, registration)
     t6 = time.perf_counter()
-    io.save(volume, result.raw, args.image.with_name("stage_times_out.nii.gz"))
+    with tempfile.TemporaryDirectory() as out:  # never beside the input (e.g. inside the package)
+        io.save(volume, result.raw, Path(out) / args.image.name)
     t7 = time.perf_counter()
     reg_s = result.stats["atlas_s"]  # in prepare, or in apply when prepare deferred it (a small image)
     reg_prepare = registration.seconds if registration is not None else 0.0
