@@ -24,8 +24,8 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import (PostprocessConfig, canonical_masks, filled_tissue_ml, grow, protect_also,
-                                  remove_also, restrict_to, to_native)
+from deface.postprocessing import (PostprocessConfig, canonical_masks, filled_tissue_ml, grow, looks_skull_stripped,
+                                  protect_also, remove_also, restrict_to, tissue_signal, to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class Defacer:
             return volume, canon, None
         from deface.atlas import Registration
 
-        signal = (canon.image[0] > self.post.tissue_threshold).numpy() & canon.inside.numpy()
+        signal = tissue_signal(canon.image[0], canon.inside, self.post).numpy()
         if filled_tissue_ml(signal, self.spacing) <= self.post.brain_only_max_tissue_ml:
             return volume, canon, Registration(None, DEFERRED, 0.0)
         canon, registration = self.register(volume, canon)
@@ -342,7 +342,7 @@ class Defacer:
             allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
             masks = restrict_to(masks, torch.from_numpy(allowed))
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
-                tissue = (canon.image[0] > self.post.tissue_threshold) & canon.inside
+                tissue = tissue_signal(canon.image[0], canon.inside, self.post)
                 masks = remove_also(masks, torch.from_numpy(face_region_mni(mni)) & tissue)
         if wants_ears:  # after the atlas guard, so its brain is protected from the ears' removal too
             masks = remove_also(masks, torch.from_numpy(ear_region_mni(mni)) & canon.inside)
@@ -386,7 +386,7 @@ class Defacer:
         upright for it). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        if canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0]).looks_stripped:
+        if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         turned, registration = self.register(volume, canon)
         if turned is not canon:

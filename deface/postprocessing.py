@@ -119,7 +119,6 @@ class CanonicalMasks:
     face_found: bool
     brain_only: bool = False
     brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the registered atlas brain
-    looks_stripped: bool = False  # looks_brain_only, face or not (brain_only: with a face found)
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -201,12 +200,18 @@ def face_direction(face: np.ndarray, brain: np.ndarray) -> tuple[int, int]:
     return axis, (1 if d[axis] >= 0 else -1)
 
 
-def filled_tissue_ml(tissue: np.ndarray, spacing: float, filled: np.ndarray | None = None) -> float:
+def tissue_signal(image: torch.Tensor, inside: torch.Tensor | None, cfg: PostprocessConfig) -> torch.Tensor:
+    """Voxels of the normalised canonical ``image`` holding tissue signal (above
+    ``tissue_threshold``), within the field of view ``inside`` when given."""
+    signal = image > cfg.tissue_threshold
+    return signal & inside if inside is not None else signal
+
+
+def filled_tissue_ml(tissue: np.ndarray, spacing: float) -> float:
     """The volume (mL) of ``tissue`` (bool, isotropic ``spacing`` mm) with its holes filled (the
     ventricles of a dark-CSF contrast count): a skull-stripped brain has at most
-    ``brain_only_max_tissue_ml`` of it. ``filled``: that fill, when the caller has it."""
-    filled = ndi.binary_fill_holes(tissue) if filled is None else filled
-    return float(filled.sum()) * spacing**3 / 1000.0
+    ``brain_only_max_tissue_ml`` of it."""
+    return float(ndi.binary_fill_holes(tissue).sum()) * spacing**3 / 1000.0
 
 
 def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig,
@@ -222,7 +227,7 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
     filled = ndi.binary_fill_holes(tissue)
     total = int(filled.sum())
     voxel_ml = spacing**3 / 1000.0
-    if total == 0 or filled_tissue_ml(tissue, spacing, filled) > cfg.brain_only_max_tissue_ml:
+    if total == 0 or total * voxel_ml > cfg.brain_only_max_tissue_ml:
         return False
     if float(brain.sum()) * voxel_ml > cfg.brain_only_max_brain_ml:
         return False
@@ -247,6 +252,33 @@ def class_map(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def network_face(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor | None = None,
+                 image: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray]:
+    """(class labels, tissue signal or None without ``image``, the face the rules accept) from
+    probabilities (C, X, Y, Z): the network's face within the field of view, holding signal, without
+    small components and touching real air (not dark specks)."""
+    labels = class_map(probs)
+    voxel_ml = spacing**3 / 1000.0
+    fov = inside.numpy() if inside is not None else np.ones(labels.shape, bool)
+    signal = tissue_signal(image, inside, cfg).numpy() if image is not None else None
+    face = (labels == FACE).numpy() & fov
+    if signal is not None:
+        face &= signal
+    face = drop_small_components(face, int(np.ceil(cfg.min_component_ml / voxel_ml)))
+    if signal is not None:
+        air = drop_small_components(fov & ~signal, int(np.ceil(cfg.min_air_ml / voxel_ml)))  # not dark specks
+        face = keep_components_touching(face, air)
+    return labels, signal, face
+
+
+def looks_skull_stripped(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor,
+                         image: torch.Tensor) -> bool:
+    """``looks_brain_only`` for the network's output, a face found or not: nothing is removed from
+    such an image either way (``canonical_masks``), so it needs no atlas registration."""
+    labels, signal, face = network_face(probs, spacing, cfg, inside, image)
+    return looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+
+
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                     inside: torch.Tensor | None = None, image: torch.Tensor | None = None,
                     brain_support: torch.Tensor | None = None) -> CanonicalMasks:
@@ -259,17 +291,8 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     ``atlas_brain_agreement`` of the network's brain (or with a network "brain" larger than
     ``brain_only_max_brain_ml``), only the network's brain within it is protected.
     """
-    labels = class_map(probs)
+    labels, signal, face = network_face(probs, spacing, cfg, inside, image)
     voxel_ml = spacing**3 / 1000.0
-    fov = inside.numpy() if inside is not None else np.ones(labels.shape, bool)
-    signal = (image > cfg.tissue_threshold).numpy() & fov if image is not None else None
-    face = (labels == FACE).numpy() & fov
-    if signal is not None:
-        face &= signal
-    face = drop_small_components(face, int(np.ceil(cfg.min_component_ml / voxel_ml)))
-    if signal is not None:
-        air = drop_small_components(fov & ~signal, int(np.ceil(cfg.min_air_ml / voxel_ml)))  # not dark specks
-        face = keep_components_touching(face, air)
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     dropped_ml = 0.0
@@ -281,16 +304,15 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    stripped = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
-    brain_only = found and stripped
+    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, stripped)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
-    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml, looks_stripped=stripped)
+    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml)
 
 
 def protect_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from deface.anatomy import face_region_mni
     from deface.atlas import atlas_points, brain_on_grid
     from deface.evaluation import near_skin
-    from deface.postprocessing import canonical_masks, grow
+    from deface.postprocessing import canonical_masks, grow, tissue_signal
     from deface.preprocessing import resample
 
     d = Defacer()
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
         removed = masks.remove.numpy() & ~atlas & zone
         if cfg.atlas_complete and masks.face_found:
-            region = face_region_mni(mni) & (
-                canon.image[0] > cfg.tissue_threshold).numpy() & canon.inside.numpy()
+            region = face_region_mni(mni) & tissue_signal(canon.image[0], canon.inside, cfg).numpy()
             wanted = wanted | region
             removed = removed | (region & ~network & ~atlas)
         kept = surface & ~removed
