@@ -45,7 +45,7 @@ common options:
   --save-mask           also write <name>_defacemask.nii.gz
   --applyto IMAGE ...   co-registered images to deface with the input's mask
   --mode MODE           zero (default) | noise | blur | fill | reface
-  --ears                remove the ears too
+  --keep-ears           leave the ears (removed by default)
   --device DEVICE       auto (default) | cpu | cuda
   --qc                  renders before/after, face-detector check, HTML report
   --scrub               clear NIfTI free-text fields and extensions
@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--fill-value) or reface (a generic face in the scan's contrast; default: zero)")
     p.add_argument("--fill-value", type=float, default=0.0, help="value for --mode fill")
     p.add_argument("--save-mask", action="store_true", help="also write <name>_defacemask.nii.gz")
-    p.add_argument("--ears", action="store_true", help="remove the ears too (off by default)")
+    p.add_argument("--keep-ears", dest="ears", action="store_const", const=False, default=None,
+                   help="leave the ears as they are (default: removed with the face; a profile render with an "
+                   "unchanged ear can be recognised)")
+    p.add_argument("--ears", dest="ears", action="store_const", const=True,
+                   help="remove the ears even with --no-atlas-guard (the ear region is placed by the registration)")
     p.add_argument("--qc", action="store_true", help="also write <name>_defaced.png (renders, slices, face-detector "
                    "check when installed) and deface_report.html (needs matplotlib)")
     p.add_argument("--qc-resolution", type=float, default=1.0, metavar="MM", help="render pixel size for --qc (default 1)")
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="protected margin around the predicted brain (default from the weights: 6 mm)")
     p.add_argument("--no-atlas-guard", action="store_true",
                    help="no registered atlas: its brain is not protected and removal is not kept to its face "
-                        "region (faster, relies on the network alone)")
+                        "region (faster, relies on the network alone; the ears are kept unless --ears)")
     p.add_argument("--mask-from", choices=["first", "mean"], default="first", help="4D: mask from the first volume or the mean")
     p.add_argument("--weights", type=Path, help="weights folder, .json or .pt (default: the shipped weights)")
     p.add_argument("--seed", type=int, default=0, help="random seed for --mode noise")
@@ -510,7 +514,7 @@ def provenance_of(defacer, args: argparse.Namespace) -> dict:
     meta = defacer.metadata
     return {"Tool": "deface", "Version": __version__,
             "Model": f"{meta.get('name', 'weights')} {meta.get('version', '')}".strip(),
-            "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "Ears": bool(args.ears)}
+            "WeightsSHA256": meta.get("sha256"), "Mode": args.mode, "Ears": bool(defacer.ears)}
 
 
 def summarize(results: list[tuple[Path, str, str]]) -> int:

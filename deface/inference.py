@@ -178,7 +178,9 @@ class Defacer:
     ``mode``: how removed voxels are replaced (``MODES``); "reface" paints a generic face
     (deface.reface) placed by the atlas registration, so it registers even without the guard.
     ``ears``: remove the ears too (deface.anatomy's ear region through the atlas registration,
-    outside every protected voxel); off by default, as in fsl_deface.
+    outside every protected voxel); default (None): whenever the atlas guard is on. Unlike
+    fsl_deface's default: an unchanged ear and the side of the head were what the recogniser
+    found and matched in the profile renders of the validation heads (docs/evaluation.md).
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
     beside the network), its brain is protected in ``apply``; an image small enough to be a
     skull-stripped brain is registered in ``apply`` instead, and only if it is a head.
@@ -188,7 +190,7 @@ class Defacer:
                  fill_value: float = 0.0, brain_margin_mm: float | None = None, min_face_ml: float | None = None,
                  mask_from: str = "first", seed: int = 0, network: torch.nn.Module | None = None,
                  metadata: dict[str, Any] | None = None, max_voxels: int = 512**3,
-                 atlas_guard: bool | None = None, post: dict[str, Any] | None = None, ears: bool = False) -> None:
+                 atlas_guard: bool | None = None, post: dict[str, Any] | None = None, ears: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.device = resolve_device(device)
@@ -222,8 +224,8 @@ class Defacer:
                              f"{', '.join(PostprocessConfig.__annotations__)}")
         self.post = PostprocessConfig(**post)
         self.atlas = None
-        self.ears = ears
-        if self.post.atlas or mode == "reface" or ears:
+        self.ears = self.post.atlas if ears is None else ears
+        if self.post.atlas or mode == "reface" or self.ears:
             from deface.atlas import Atlas
 
             self.atlas = Atlas.load()

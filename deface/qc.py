@@ -123,7 +123,8 @@ def html_report(rows: list[dict[str, Any]], path: Path) -> None:
         check = r.get("check", "did not run (pip install 'deface-mri[qc]')")
         cells.append(
             f"<tr class={'flag' if why else 'ok'}><td><b>{html.escape(str(r.get('file')))}</b><br>"
-            f"status: {html.escape(str(r.get('status')))}<br>mode: {html.escape(str(r.get('mode', '-')))}<br>"
+            f"status: {html.escape(str(r.get('status')))}<br>mode: {html.escape(str(r.get('mode', '-')))}"
+            f"{', ears removed' if r.get('ears_removed') else ''}<br>"
             f"{'<span class=why>' + html.escape('; '.join(why)) + '</span><br>' if why else ''}"
             f"removed: {r.get('removed_ml', '-')} mL<br>brain voxels changed: {r.get('brain_voxels_changed', '-')}<br>"
             f"face found by the model: {r.get('face_found', '-')}<br>runtime: {r.get('seconds', '-')} s<br>"
@@ -167,7 +168,8 @@ def qc_file(volume, result, name: str, dst: Path, spacing: float, seconds: float
         if not check.passed:
             logging.getLogger("deface").warning("%s: re-identification check failed: %s", name, row["check"])
     png = dst.with_name(f"{stem}.png")
-    qc_png(before, after, result.mask, volume.affine, png, title=f"{Path(name).name} (mode: {mode})", check=check,
+    ears = ", ears removed" if result.stats.get("ears_removed") else ""
+    qc_png(before, after, result.mask, volume.affine, png, title=f"{Path(name).name} (mode: {mode}{ears})", check=check,
            spacing=spacing)
     row["png"] = str(png)
     return row

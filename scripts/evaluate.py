@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--mode", default="zero", help="how removed voxels are replaced (deface.MODES), e.g. reface")
     p.add_argument("--no-atlas", action="store_true", help="without the atlas brain guard (deface.atlas)")
-    p.add_argument("--ears", action="store_true", help="remove the ears too (deface-infer --ears)")
+    p.add_argument("--keep-ears", dest="ears", action="store_const", const=False, default=None,
+                   help="leave the ears (deface-infer --keep-ears; default: removed whenever the atlas guard is on)")
+    p.add_argument("--ears", dest="ears", action="store_const", const=True, help="remove the ears even with --no-atlas")
     p.add_argument("--post", nargs="*", default=[], metavar="KEY=VALUE",
                    help="postprocessing settings over the weights' (deface.postprocessing.PostprocessConfig)")
     p.add_argument("--attack", action="store_true", help="render-based re-identification columns")

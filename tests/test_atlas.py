@@ -84,7 +84,9 @@ def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
 
 def test_nothing_is_removed_outside_the_registered_face_region():
     """A network that calls the whole front half of the head face: with the guard, removal stays
-    in the label definition's face region (grown by the margin) mapped through the registration."""
+    in the label definition's face region (grown by the margin) mapped through the registration,
+    and in the ear region (removed by default)."""
+    from deface.anatomy import EAR_MIN_X, EAR_Y, EAR_Z
     from deface.data.labels import face_region_mni, voxel_world
     from deface.inference import Defacer
 
@@ -97,7 +99,11 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     assert result.mask.sum() > 5000
     atlas_mm = voxel_world(img.shape, registration.to_atlas @ img.affine)
     # Native voxels straddle the 2 mm canonical voxels they come from: allow 3 mm more.
-    assert face_region_mni(atlas_mm[result.mask], 13.0, 63.0).all()
+    removed = atlas_mm[result.mask]
+    x, y, z = removed[~face_region_mni(removed, 13.0, 63.0)].T
+    assert result.stats["ears_removed"] and x.size > 0
+    assert ((np.abs(x) >= EAR_MIN_X - 3) & (y >= EAR_Y[0] - 3) & (y <= EAR_Y[1] + 3)
+            & (z >= EAR_Z[0] - 3) & (z <= EAR_Z[1] + 3)).all()
     greedy = greedy_probs(canon)[FACE].bool().numpy()
     world = voxel_world(canon.grid.shape, registration.to_atlas @ canon.grid.affine)
     assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more

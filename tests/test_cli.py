@@ -135,6 +135,15 @@ def test_help_fits_a_screen_and_names_only_real_options():
     assert all(option in full.stdout for option in known)
 
 
+def test_ears_flags_leave_the_default_to_the_defacer():
+    """No flag: None (the Defacer removes the ears whenever its atlas guard is on);
+    --keep-ears: False; --ears: True (even with --no-atlas-guard)."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["a.nii"]).ears is None
+    assert parser.parse_args(["a.nii", "--keep-ears"]).ears is False
+    assert parser.parse_args(["a.nii", "--ears", "--no-atlas-guard"]).ears is True
+
+
 def test_errors_come_before_any_work(tmp_path, tiny_weights, monkeypatch, capsys):
     """Each mistake gets one line and exit 2 before the first file is processed."""
     import os

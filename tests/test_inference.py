@@ -257,6 +257,21 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
     assert np.all(np.abs(points[added][:, 0]) * 1.2 >= EAR_MIN_X - 4.0)  # within a native voxel of the region
 
 
+def test_the_ears_go_by_default_whenever_the_atlas_guard_is_on(tiny_metadata):
+    """The default removes the ears wherever the image is registered for the guard (an unchanged
+    ear was what the recogniser matched in profile renders); without the guard nothing is
+    registered for them unless asked; --keep-ears (False) keeps them either way."""
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    network = build_network(TINY_ARCHITECTURE)
+    guarded = {**tiny_metadata, "postprocessing": {**tiny_metadata["postprocessing"], "atlas": True}}
+    for metadata, ears, expected, atlas in ((guarded, None, True, True), (guarded, False, False, True),
+                                            (tiny_metadata, None, False, False), (tiny_metadata, True, True, True)):
+        d = Defacer(network=network, metadata=metadata, device="cpu", ears=ears)
+        assert d.ears is expected and (d.atlas is not None) is atlas
+
+
 def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_metadata):
     """A network that finds only the lower face: ``atlas_complete`` removes the rest of the
     face region's tissue (through a given registration that stretches the phantom 1.25x front
