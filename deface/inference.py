@@ -24,8 +24,9 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import (PostprocessConfig, canonical_masks, filled_tissue_ml, grow, looks_skull_stripped,
-                                  protect_also, remove_also, restrict_to, tissue_signal, to_native)
+from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, filled_tissue_ml, grow,
+                                  looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
+                                  to_native)
 from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
 
 if TYPE_CHECKING:
@@ -49,6 +50,33 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @dataclass
+class Regions:
+    """The canonical-grid regions that ``Defacer.apply`` composes into what is removed, kept apart
+    so that a probe can ask which of them keeps a voxel (scripts/kept_face.py, kept_render.py).
+    Without a registration only ``network`` is set."""
+
+    network: CanonicalMasks  # the network's removal and protected brain (+ margin)
+    atlas: torch.Tensor | None = None  # the registered atlas brain grown by its margins: protected
+    atlas_margin_mm: float | None = None  # ... the margin in front (``Defacer.atlas_front_margin``)
+    allowed: torch.Tensor | None = None  # the registered face region + margins: nothing removed outside
+    complete: torch.Tensor | None = None  # tissue in the face region: removed where not protected
+    ears: torch.Tensor | None = None  # the registered ear region in the field of view: removed likewise
+
+    def removal(self) -> CanonicalMasks:
+        """The network's masks with the atlas brain protected, removal kept to the allowed region,
+        then the face completed and the ears added (never where protected)."""
+        masks = self.network
+        if self.atlas is not None:
+            masks = protect_also(masks, self.atlas)
+        if self.allowed is not None:
+            masks = restrict_to(masks, self.allowed)
+        for region in (self.complete, self.ears):
+            if region is not None:
+                masks = remove_also(masks, region)
+        return masks
+
+
+@dataclass
 class DefaceResult:
     """What ``Defacer.deface`` returns: the defaced image, the removal mask and per-file stats."""
 
@@ -59,6 +87,7 @@ class DefaceResult:
     to_atlas: np.ndarray | None = None  # world transform image -> atlas, when registered (for --applyto)
     probs: torch.Tensor | None = None  # the network's class probabilities (C, X, Y, Z) on ``grid``
     grid: Grid | None = None  # the canonical grid
+    regions: Regions | None = None  # what was removed and protected on ``grid``, region by region
 
     @property
     def image(self) -> nib.spatialimages.SpatialImage:
@@ -323,31 +352,8 @@ class Defacer:
             canon, probs, registration = self.register_unless_brain_only(volume, canon, probs)
         t0 = time.perf_counter()
         to_atlas = registration.to_atlas if registration is not None else None
-        guard = support = None
-        if self.post.atlas and to_atlas is not None:
-            from deface.atlas import brain_on_grid
-
-            guard = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
-            support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
-        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
-        wants_ears = self.ears and to_atlas is not None and not masks.brain_only
-        guarded = self.post.atlas and to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
-        if guarded or wants_ears:
-            from deface.anatomy import ear_region_mni, face_region_mni
-            from deface.atlas import atlas_points
-
-            mni = atlas_points(to_atlas, canon.grid)
-        atlas_margin = None
-        if guarded:
-            region, atlas_margin = self.atlas_protection(guard, masks.protect, mni)
-            masks = protect_also(masks, region)
-            allowed = face_region_mni(mni, self.post.atlas_face_margin_mm, self.post.atlas_face_bottom_margin_mm)
-            masks = restrict_to(masks, torch.from_numpy(allowed))
-            if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
-                tissue = tissue_signal(canon.image[0], canon.inside, self.post)
-                masks = remove_also(masks, torch.from_numpy(face_region_mni(mni)) & tissue)
-        if wants_ears:  # after the atlas guard, so its brain is protected from the ears' removal too
-            masks = remove_also(masks, torch.from_numpy(ear_region_mni(mni)) & canon.inside)
+        regions = self.regions(canon, probs, to_atlas)
+        masks = regions.removal()
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
@@ -363,7 +369,7 @@ class Defacer:
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
-            "atlas_margin_front_mm": atlas_margin,
+            "atlas_margin_front_mm": regions.atlas_margin_mm,
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -373,12 +379,42 @@ class Defacer:
             and not bool(np.any(background_air(volume.reference(self.mask_from), remove) != 0)),
             "mode": self.mode_for(to_atlas),  # the mode used: reface falls back to zero unregistered
             "reface_fallback": self.mode_for(to_atlas) != self.mode and removed > 0,
-            "ears_removed": wants_ears,
+            "ears_removed": regions.ears is not None,
             "atlas_registration": registration.status if registration is not None else "off",
             "atlas_s": round(registration.seconds, 3) if registration is not None else 0.0,
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
-        return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid)
+        return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid, regions)
+
+    def regions(self, canon: CanonicalInput, probs: torch.Tensor, to_atlas: np.ndarray | None) -> Regions:
+        """The regions ``apply`` removes and protects for the network's ``probs`` on ``canon``,
+        through the registration ``to_atlas`` (image -> atlas world; None: the network alone)."""
+        guard = support = None
+        if self.post.atlas and to_atlas is not None:
+            from deface.atlas import brain_on_grid
+
+            guard = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
+            support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
+        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
+        regions = Regions(masks)
+        wants_ears = self.ears and to_atlas is not None and not masks.brain_only
+        guarded = self.post.atlas and to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
+        if not (guarded or wants_ears):
+            return regions
+        from deface.anatomy import ear_region_mni, face_region_mni
+        from deface.atlas import atlas_points
+
+        mni = atlas_points(to_atlas, canon.grid)
+        if guarded:
+            regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, mni)
+            regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,
+                                                               self.post.atlas_face_bottom_margin_mm))
+            if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
+                tissue = tissue_signal(canon.image[0], canon.inside, self.post)
+                regions.complete = torch.from_numpy(face_region_mni(mni)) & tissue
+        if wants_ears:  # protected from like the face: the atlas brain too
+            regions.ears = torch.from_numpy(ear_region_mni(mni)) & canon.inside
+        return regions
 
     def register_unless_brain_only(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor
                                    ) -> tuple[CanonicalInput, torch.Tensor, Registration]:

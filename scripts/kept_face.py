@@ -32,36 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head
 
     from deface import FACE, Defacer
-    from deface.anatomy import face_region_mni
-    from deface.atlas import atlas_points, brain_on_grid
     from deface.evaluation import near_skin
-    from deface.postprocessing import canonical_masks, grow, tissue_signal
     from deface.preprocessing import resample
 
     d = Defacer()
-    cfg = d.post
     total = np.zeros(5)
     print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
     for name in args.subjects:
         data, labels, affine = cache_head(args.cache, name)
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
-        probs = d.predict([canon])[0]
-        guard = brain_on_grid(d.atlas, registration.to_atlas, canon.grid, cfg.atlas_threshold)
-        masks = canonical_masks(probs, d.spacing, cfg, canon.inside, canon.image[0],
-                                grow(guard, cfg.atlas_brain_support_mm, d.spacing))
-        mni = atlas_points(registration.to_atlas, canon.grid)
+        result = d.apply(volume, canon, d.predict([canon])[0], registration)
+        regions, grid = result.regions, result.grid  # as Defacer.apply removed and protected
+        shape = grid.shape
         tissue = data > 0.05 * np.percentile(data, 99.5)
         surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
-        surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, canon.grid)[0].numpy() >= 0.5
-        atlas = d.atlas_protection(guard, masks.protect, mni)[0].numpy()  # as Defacer.apply protects it
-        zone = face_region_mni(mni, cfg.atlas_face_margin_mm, cfg.atlas_face_bottom_margin_mm)
-        network = masks.protect.numpy()
-        wanted = masks.remove.numpy() | (network & (probs.argmax(0).numpy() == FACE))
-        removed = masks.remove.numpy() & ~atlas & zone
-        if cfg.atlas_complete and masks.face_found:
-            region = face_region_mni(mni) & tissue_signal(canon.image[0], canon.inside, cfg).numpy()
-            wanted = wanted | region
-            removed = removed | (region & ~network & ~atlas)
+        surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, grid)[0].numpy() >= 0.5
+        network = regions.network.protect.numpy()
+        atlas = regions.atlas.numpy() if regions.atlas is not None else np.zeros(shape, bool)
+        zone = regions.allowed.numpy() if regions.allowed is not None else np.ones(shape, bool)
+        wanted = regions.network.remove.numpy() | (network & (result.probs.argmax(0).numpy() == FACE))
+        if regions.complete is not None:
+            wanted = wanted | regions.complete.numpy()
+        removed = regions.removal().remove.numpy()
         kept = surface & ~removed
         shares = [surface & removed, kept & ~wanted, kept & wanted & network, kept & wanted & ~network & atlas,
                   kept & wanted & ~network & ~atlas & ~zone]

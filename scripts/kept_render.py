@@ -7,7 +7,7 @@ the tissue 3 mm under it, first reason first, with a picture per head:
 - atlas brain: inside the registered atlas brain + its margins;
 - network brain: inside the network's brain + the brain margin;
 - outside region: outside the registered face region + its margin;
-- not wanted: neither the network's face nor the face region to complete;
+- not wanted: neither the network's face nor the face region's tissue to complete;
 - other: wanted and allowed, yet not removed (e.g. a component the face rules dropped, or only a
   thin layer removed above tissue that is not).
 A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
@@ -46,16 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head
 
     from deface import FACE, Defacer
-    from deface.anatomy import face_region_mni
-    from deface.atlas import atlas_points, brain_on_grid
     from deface.attack import KEPT_MM
     from deface.evaluation import acquisition_variant, contrast_variant
-    from deface.postprocessing import canonical_masks, grow
     from deface.preprocessing import resample
     from deface.render import head_surface_volume, render_grid
 
     d = Defacer()
-    cfg = d.post
     print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm")
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
@@ -67,19 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         probs = d.predict([canon])[0]
         result = d.apply(volume, canon, probs, registration)
         canon_grid, probs = result.grid, result.probs  # a deferred registration may turn the grid
-        to_atlas = result.to_atlas
+        regions = result.regions  # as Defacer.apply protected and bounded it
         shape = canon_grid.shape
-        if to_atlas is None:  # unregistered (brain-only, failed, or no atlas): the network alone
-            network = canonical_masks(probs, d.spacing, cfg).protect.numpy()
-            atlas, zone, wanted_region = np.zeros(shape, bool), np.ones(shape, bool), np.zeros(shape, bool)
-        else:  # as Defacer.apply protects and bounds it
-            guard = brain_on_grid(d.atlas, to_atlas, canon_grid, cfg.atlas_threshold)
-            masks = canonical_masks(probs, d.spacing, cfg, brain_support=grow(guard, cfg.atlas_brain_support_mm, d.spacing))
-            network = masks.protect.numpy()
-            mni = atlas_points(to_atlas, canon_grid)
-            atlas = d.atlas_protection(guard, masks.protect, mni)[0].numpy()
-            zone = face_region_mni(mni, cfg.atlas_face_margin_mm, cfg.atlas_face_bottom_margin_mm)
-            wanted_region = face_region_mni(mni)
+        network = regions.network.protect.numpy()
+        atlas = regions.atlas.numpy() if regions.atlas is not None else np.zeros(shape, bool)
+        zone = regions.allowed.numpy() if regions.allowed is not None else np.ones(shape, bool)
+        wanted_region = regions.complete.numpy() if regions.complete is not None else np.zeros(shape, bool)
         wanted = (probs.argmax(0).numpy() == FACE) | wanted_region
         masks_by_reason = (atlas, network, ~zone, ~wanted)
 

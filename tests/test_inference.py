@@ -251,6 +251,11 @@ def test_ears_are_removed_on_request_and_the_brain_still_never_changes(tiny_meta
         result = d.apply(volume, canon, oracle_probs(d, canon), registration)
         assert result.stats["ears_removed"] is ears and result.stats["brain_voxels_changed"] == 0
         assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+        regions = result.regions  # what apply composed, region by region, for the probes
+        removal = regions.removal()
+        assert (regions.ears is not None) is ears and regions.atlas is None  # the phantom's guard is off
+        assert not (removal.remove & removal.protect).any()
+        assert bool((removal.remove & ~regions.network.remove).any()) is ears  # the ears add to the network's
         masks[ears] = result.mask
     added = masks[True] & ~masks[False]
     assert added.sum() > 50 and not (masks[False] & ~masks[True]).any()
