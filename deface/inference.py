@@ -207,7 +207,8 @@ class Defacer:
     ``mode``: how removed voxels are replaced (``MODES``); "reface" paints a generic face
     (deface.reface) placed by the atlas registration, so it registers even without the guard.
     ``ears``: remove the ears too (deface.anatomy's ear region through the atlas registration,
-    outside every protected voxel); default (None): whenever the atlas guard is on. Unlike
+    outside every protected voxel, and only from an image in which a face is found); default
+    (None): whenever the atlas guard is on. Unlike
     fsl_deface's default: an unchanged ear and the side of the head were what the recogniser
     found and matched in the profile renders of the validation heads (docs/evaluation.md).
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
@@ -397,7 +398,8 @@ class Defacer:
             support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
         regions = Regions(masks)
-        wants_ears = self.ears and to_atlas is not None and not masks.brain_only
+        # the ears go with a face: an image where none is found (skull-stripped, no head) stays whole
+        wants_ears = self.ears and to_atlas is not None and masks.face_found
         guarded = self.post.atlas and to_atlas is not None and (bool(masks.remove.any()) or wants_ears)
         if not (guarded or wants_ears):
             return regions

@@ -277,6 +277,24 @@ def test_the_ears_go_by_default_whenever_the_atlas_guard_is_on(tiny_metadata):
         assert d.ears is expected and (d.atlas is not None) is atlas
 
 
+def test_the_ears_go_only_with_a_face(tiny_metadata):
+    """An image in which no face is found (a skull-stripped brain, an already defaced scan) is left
+    whole, its ears too, even in --mode fill, where the ear region's air would visibly change."""
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    img = make_phantom()
+    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", ears=True,
+                mode="fill", fill_value=7.0)
+    volume, canon, _ = Defacer(network=d.network, metadata=tiny_metadata, device="cpu").prepare(img)
+    probs = oracle_probs(d, canon)
+    probs[BRAIN] += probs[FACE]  # a network that finds no face
+    probs[FACE] = 0
+    result = d.apply(volume, canon, probs, Registration(np.diag([1.2, 1.0, 1.0, 1.0]), "ok", 0.0))
+    assert not result.stats["ears_removed"] and not result.stats["face_found"]
+    assert result.stats["removed_voxels"] == 0 and np.array_equal(result.raw, volume.raw)
+
+
 def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_metadata):
     """A network that finds only the lower face: ``atlas_complete`` removes the rest of the
     face region's tissue (through a given registration that stretches the phantom 1.25x front
