@@ -208,9 +208,9 @@ class Defacer:
     (deface.reface) placed by the atlas registration, so it registers even without the guard.
     ``ears``: remove the ears too (deface.anatomy's ear region through the atlas registration,
     outside every protected voxel, and only from an image in which a face is found); default
-    (None): whenever the atlas guard is on. Unlike
-    fsl_deface's default: an unchanged ear and the side of the head were what the recogniser
-    found and matched in the profile renders of the validation heads (docs/evaluation.md).
+    (None): whenever the atlas guard is on. Unlike fsl_deface's default: an unchanged ear and the
+    side of the head were what the recogniser found and matched in the profile renders of the
+    validation heads (docs/evaluation.md).
     The atlas is registered in ``prepare`` (CPU work that the CLI runs in its reader threads,
     beside the network), its brain is protected in ``apply``; an image small enough to be a
     skull-stripped brain is registered in ``apply`` instead, and only if it is a head.

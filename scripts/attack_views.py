@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from deface import Defacer, facecheck
     from deface.attack import VIEWS
     from deface.evaluation import acquisition_variant, contrast_variant
-    from deface.render import depth_map, head_surface_volume, shade
+    from deface.render import render_views
 
     if not facecheck.available():
         print("the face detector is not installed: pip install 'deface-mri[qc]'", file=sys.stderr)
@@ -47,12 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         data, labels, affine = acquisition_variant(data, labels, affine, kind or "original")
         data = contrast_variant(data, labels, "original")
         result = d.deface(nib.Nifti1Image(data, affine))
-        head_o, threshold = head_surface_volume(data, affine)  # the attack's render threshold for both
-        head_d, _ = head_surface_volume(np.asarray(result.raw, np.float32), affine, threshold=threshold)
+        before, threshold = render_views(data, affine, VIEWS)  # the attack's views and render threshold
+        after, _ = render_views(np.asarray(result.raw, np.float32), affine, VIEWS, threshold)
         tiles, found = [], {0: [], 1: []}
-        for view, yaw in VIEWS.items():
-            for row, head in enumerate((head_o, head_d)):
-                picture = shade(depth_map(head, yaw))
+        for view in VIEWS:
+            for row, picture in enumerate((before[view], after[view])):
                 boxes = facecheck.detect_faces(picture)
                 found[row] += [view] if boxes else []
                 tile = Image.fromarray(picture).convert("RGB")
