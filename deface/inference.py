@@ -438,20 +438,22 @@ class Defacer:
         """(the region the registered atlas brain protects, the margin used in front): the atlas brain
         grown by ``atlas_margin_mm``, by ``atlas_front_margin`` where it lies in front of MNI y =
         ``atlas_front_y_mm`` (``mni``: the atlas coordinates of every voxel, ``atlas_points``)."""
-        front_mm = self.atlas_front_margin(atlas_brain, network_protected)
+        front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
+        front_mm = self.atlas_front_margin(atlas_brain & front, network_protected)
         if front_mm == self.post.atlas_margin_mm:
             return grow(atlas_brain, front_mm, self.spacing), front_mm
-        front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
         return (grow(atlas_brain & front, front_mm, self.spacing)
                 | grow(atlas_brain & ~front, self.post.atlas_margin_mm, self.spacing)), front_mm
 
-    def atlas_front_margin(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
+    def atlas_front_margin(self, front_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
         """The margin around the registered atlas brain in front of MNI y = ``atlas_front_y_mm`` (over
-        the eyes and brows): ``atlas_margin_front_mm`` where the network's protected brain covers at
-        least ``atlas_cover_min`` of the atlas brain, else ``atlas_margin_mm`` as everywhere else
-        (the network missed brain, so the atlas alone stands between the removal and it)."""
-        total = int(atlas_brain.sum())
-        covered = int((atlas_brain & network_protected).sum()) / total if total else 1.0
+        the eyes and brows; ``front_brain``: the atlas brain there): ``atlas_margin_front_mm`` where the
+        network's protected brain covers at least ``atlas_cover_min`` of it, else ``atlas_margin_mm``
+        as everywhere else (the network missed brain there, so the atlas alone stands between the
+        removal and it). Brain the network misses further back (a field of view cut at the mouth
+        clips the cerebellum) is protected by the wider margin there whatever this says."""
+        total = int(front_brain.sum())
+        covered = int((front_brain & network_protected).sum()) / total if total else 1.0
         return self.post.atlas_margin_front_mm if covered >= self.post.atlas_cover_min else self.post.atlas_margin_mm
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:

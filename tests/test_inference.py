@@ -470,18 +470,24 @@ def test_face_region_grows_downwards_by_its_own_margin():
     assert not face_region_mni(np.array([[0.0, -20.0, FACE_BOTTOM_Z - 30.0]]), 10.0, 40.0)[0]  # not backwards
 
 
-def test_atlas_margin_widens_where_the_network_missed_the_atlas_brain(defacer):
+def test_atlas_margin_widens_where_the_network_missed_the_front_of_the_atlas_brain(defacer):
     """The atlas brain's margin is the narrow one (over the eyes and brows) only where the
-    network's protected brain covers it; where the network missed brain (a stroke T2 calls its
-    orbitofrontal cortex face) the atlas alone protects, with the wider margin."""
+    network's protected brain covers the atlas brain's front; where the network missed brain there
+    (a stroke T2 calls its orbitofrontal cortex face) the atlas alone protects, with the wider
+    margin. Brain missed further back (a field of view cut at the mouth clips the cerebellum) does
+    not widen the margin in front."""
     d = defacer
     atlas = torch.zeros(30, 30, 30, dtype=torch.bool)
     atlas[8:22, 8:22, 8:22] = True
+    mni = np.zeros((30, 30, 30, 3))
+    mni[..., 1] = (np.arange(30)[None, :, None] - 16) * d.spacing + d.post.atlas_front_y_mm  # y >= 16: front
     agreeing = grow(atlas, d.post.brain_margin_mm, d.spacing)
-    missing_front = agreeing.clone()
-    missing_front[:, 16:, :] = False  # the network's brain stops short of the front of the atlas brain
-    assert d.atlas_front_margin(atlas, agreeing) == d.post.atlas_margin_front_mm
-    assert d.atlas_front_margin(atlas, missing_front) == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
+    missing_front, missing_back = agreeing.clone(), agreeing.clone()
+    missing_front[:, 18:, :] = False  # the network's brain stops short of the front of the atlas brain
+    missing_back[:, :14, :] = False  # ... or of its back (a third of it)
+    assert d.atlas_protection(atlas, agreeing, mni)[1] == d.post.atlas_margin_front_mm
+    assert d.atlas_protection(atlas, missing_front, mni)[1] == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
+    assert d.atlas_protection(atlas, missing_back, mni)[1] == d.post.atlas_margin_front_mm
     assert d.atlas_front_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_front_mm  # no atlas brain
 
 
