@@ -331,7 +331,8 @@ class Defacer:
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
         """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs (padded together)."""
-        shape = np.max([c.image.shape[1:] for c in inputs], axis=0)
+        # at least two multiples a side: the deepest level's instance norm needs more than one voxel
+        shape = np.maximum(np.max([c.image.shape[1:] for c in inputs], axis=0), 2 * self.multiple)
         batch = torch.zeros((len(inputs), 1, *shape), dtype=torch.float32)
         for i, c in enumerate(inputs):
             x, y, z = c.image.shape[1:]
