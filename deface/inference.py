@@ -299,10 +299,7 @@ class Defacer:
                                   rotation_deg)
 
         t0 = time.perf_counter()
-        # Registered on intensities clipped to [0, 1] (up to the 99.5th percentile): the fit's mutual
-        # information bins the whole range, so the brightest 0.5 % (fat, vessels, markers) moved its
-        # optimum (NiChart s21 T1: 20 degrees as stored, 7 after a rescale that clipped that tail).
-        image, affine = canon.image[0].numpy().clip(0.0, 1.0), canon.grid.affine
+        image, affine = canon.image[0].numpy(), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
@@ -320,8 +317,7 @@ class Defacer:
             if rotation_deg(pose) > self.post.atlas_search_deg:
                 ref = volume.reference(self.mask_from)
                 seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
-                searched = register_atlas(self.atlas, seen.image[0].numpy().clip(0.0, 1.0), seen.grid.affine,
-                                          start=start)
+                searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
                     reg = searched

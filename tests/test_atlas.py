@@ -393,27 +393,3 @@ def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network saw a turned grid
     assert result.probs.shape[1:] == result.grid.shape  # ... and its probabilities are on it
     assert not result.mask[frontal_voxels(upright)].any()
-
-
-def test_registration_does_not_depend_on_the_brightest_tail():
-    """The same head with its brightest voxels (normalised above 1: fat, vessels, markers) made
-    brighter still registers to the same transform: a rescaling that clips that tail flipped the
-    fit of a real head (NiChart s21 T1: 20 degrees as stored, 7 clipped)."""
-    from dataclasses import replace
-
-    import nibabel as nib
-
-    from deface.io import Volume
-    from deface.preprocessing import to_canonical
-
-    image, affine, _ = tilted_atlas_head(8.0, 0.0)
-    defacer = tiny_atlas_defacer()
-    canon = to_canonical(image, affine, defacer.spacing, defacer.multiple)
-    tail = canon.image > 1.0
-    assert 0 < int(tail.sum()) < 0.02 * int((canon.image > 0.1).sum())
-    brighter = replace(canon, image=torch.where(tail, torch.full_like(canon.image, 1.5), canon.image))
-    volume = Volume(nib.Nifti1Image(image, affine), image)
-    _, first = defacer.register(volume, canon)
-    _, second = defacer.register(volume, brighter)
-    assert first.status == second.status == "ok"
-    np.testing.assert_array_equal(first.to_atlas, second.to_atlas)
