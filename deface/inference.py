@@ -299,7 +299,10 @@ class Defacer:
                                   rotation_deg)
 
         t0 = time.perf_counter()
-        image, affine = canon.image[0].numpy(), canon.grid.affine
+        # Registered on intensities clipped to [0, 1] (up to the 99.5th percentile): the fit's mutual
+        # information bins the whole range, so the brightest 0.5 % (fat, vessels, markers) moved its
+        # optimum (NiChart s21 T1: 20 degrees as stored, 7 after a rescale that clipped that tail).
+        image, affine = canon.image[0].numpy().clip(0.0, 1.0), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
@@ -317,7 +320,8 @@ class Defacer:
             if rotation_deg(pose) > self.post.atlas_search_deg:
                 ref = volume.reference(self.mask_from)
                 seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
-                searched = register_atlas(self.atlas, seen.image[0].numpy(), seen.grid.affine, start=start)
+                searched = register_atlas(self.atlas, seen.image[0].numpy().clip(0.0, 1.0), seen.grid.affine,
+                                          start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
                     reg = searched
@@ -354,7 +358,12 @@ class Defacer:
             canon, probs, registration = self.register_unless_brain_only(volume, canon, probs)
         t0 = time.perf_counter()
         to_atlas = registration.to_atlas if registration is not None else None
-        regions = self.regions(canon, probs, to_atlas)
+        # A registered image was judged before: too much tissue for a brain alone (``prepare``), or
+        # not skull-stripped by the network's first pass (``register_unless_brain_only``). A second
+        # pass on a grid turned upright is not asked again (s19 FLAIR cut at the mouth: its face far
+        # from the brain 73 mL on the first pass, 44.6 on the turned one, under the 45 mL limit).
+        judge = registration is None or registration.status == NOT_NEEDED
+        regions = self.regions(canon, probs, to_atlas, judge_brain_only=judge)
         masks = regions.removal()
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
@@ -388,16 +397,19 @@ class Defacer:
         }
         return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid, regions)
 
-    def regions(self, canon: CanonicalInput, probs: torch.Tensor, to_atlas: np.ndarray | None) -> Regions:
+    def regions(self, canon: CanonicalInput, probs: torch.Tensor, to_atlas: np.ndarray | None,
+                judge_brain_only: bool = True) -> Regions:
         """The regions ``apply`` removes and protects for the network's ``probs`` on ``canon``,
-        through the registration ``to_atlas`` (image -> atlas world; None: the network alone)."""
+        through the registration ``to_atlas`` (image -> atlas world; None: the network alone);
+        ``judge_brain_only``: see ``canonical_masks``."""
         guard = support = None
         if self.post.atlas and to_atlas is not None:
             from deface.atlas import brain_on_grid
 
             guard = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
             support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
-        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support)
+        masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support,
+                                judge_brain_only=judge_brain_only)
         regions = Regions(masks)
         # the ears go with a face: an image where none is found (skull-stripped, no head) stays whole
         wants_ears = self.ears and to_atlas is not None and masks.face_found

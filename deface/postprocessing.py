@@ -45,6 +45,8 @@ class PostprocessConfig:
     # tissue beyond the brain (IXI 296: 349 mL, 17 %, as little as a skull-stripped stroke T2's
     # 294 mL), but its nose and cheeks lie far from the brain (63-82 mL of face beyond 15 mm),
     # while frontal lobe a network calls face in a skull-stripped image lies near it (<= 29 mL).
+    # Only face in front of the brain's centre counts: a network can call the cerebellum of a
+    # skull-stripped brain face too (s20 FLAIR made FLAIR-like: 51 mL far, 8 mL of it in front).
     brain_only_far_face_mm: float = 15.0
     brain_only_max_far_face_ml: float = 45.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
@@ -246,7 +248,8 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
     the canonical grid. A whole head, even cropped tightly around the face, has hundreds of mL of
     scalp, skull, face and neck beyond the margin; a brain-extracted image has only stray rim
     voxels there. Both volumes must also fit one brain (``brain_only_max_*_ml``), whatever the
-    network says, and the face must lie near the brain (``brain_only_*far_face*``).
+    network says, and the face in front of the brain's centre must lie near the brain
+    (``brain_only_*far_face*``; the canonical grid's second axis points forward, turned or not).
     """
     filled = ndi.binary_fill_holes(tissue)
     total = int(filled.sum())
@@ -261,7 +264,8 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
         return False
     if face is not None and face.any() and brain.any():
         far = ndi.distance_transform_edt(~brain.numpy()) * spacing > cfg.brain_only_far_face_mm
-        return float((face & far).sum()) * voxel_ml <= cfg.brain_only_max_far_face_ml
+        front = np.arange(face.shape[1]) > np.nonzero(brain.numpy())[1].mean()
+        return float((face & far & front[None, :, None]).sum()) * voxel_ml <= cfg.brain_only_max_far_face_ml
     return True
 
 
@@ -305,12 +309,14 @@ def looks_skull_stripped(probs: torch.Tensor, spacing: float, cfg: PostprocessCo
 
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                     inside: torch.Tensor | None = None, image: torch.Tensor | None = None,
-                    brain_support: torch.Tensor | None = None) -> CanonicalMasks:
+                    brain_support: torch.Tensor | None = None, judge_brain_only: bool = True) -> CanonicalMasks:
     """Removal and protection masks on the canonical grid from probabilities (C, X, Y, Z).
 
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
     tissue signal (an already defaced image has only air where a face was), and nothing is
-    removed from an image that looks brain-only (``looks_brain_only``). With ``brain_support``
+    removed from an image that looks brain-only (``looks_brain_only``; ``judge_brain_only=False``:
+    the caller already knows it is not, e.g. from the network's first pass on the unturned grid).
+    With ``brain_support``
     (X, Y, Z; e.g. the registered atlas brain grown by ``atlas_brain_support_mm``) holding at least
     ``atlas_brain_agreement`` of the network's brain (or with a network "brain" larger than
     ``brain_only_max_brain_ml``), only the network's brain within it is protected.
@@ -328,7 +334,7 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    brain_only = found and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    brain_only = found and judge_brain_only and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     if not found or brain_only:
         return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face

@@ -356,12 +356,21 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
 
 
-def test_a_deferred_head_is_registered_as_it_would_have_been():
+def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
     """A head small enough to be deferred (here by raising ``brain_only_max_tissue_ml``) that the
     network does not call brain-only is registered in ``apply``: same registration, same mask as
-    registered in ``prepare``."""
+    registered in ``prepare``; its masks are not judged brain-only again (the first pass said no)."""
+    import deface.inference
     from deface.inference import DEFERRED
+    from deface.postprocessing import canonical_masks
 
+    judged = []
+
+    def spy(*args, judge_brain_only=True, **kwargs):
+        judged.append(judge_brain_only)
+        return canonical_masks(*args, judge_brain_only=judge_brain_only, **kwargs)
+
+    monkeypatch.setattr(deface.inference, "canonical_masks", spy)
     img = nib.load(str(EXAMPLE_HEAD))
     results = []
     for post in ({}, {"brain_only_max_tissue_ml": 1e6}):
@@ -373,6 +382,7 @@ def test_a_deferred_head_is_registered_as_it_would_have_been():
     assert deferred.stats["atlas_registration"] == "ok" and deferred.stats["atlas_s"] > 0
     np.testing.assert_array_equal(deferred.to_atlas, now.to_atlas)
     assert deferred.mask.sum() > 5000 and np.array_equal(deferred.mask, now.mask)
+    assert judged == [False, False]  # registered in prepare, and in apply after the first pass
 
 
 @pytest.mark.slow  # a tilted head's pose search: 30-40 s on 2 cores
@@ -393,3 +403,27 @@ def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network saw a turned grid
     assert result.probs.shape[1:] == result.grid.shape  # ... and its probabilities are on it
     assert not result.mask[frontal_voxels(upright)].any()
+
+
+def test_registration_does_not_depend_on_the_brightest_tail():
+    """The same head with its brightest voxels (normalised above 1: fat, vessels, markers) made
+    brighter still registers to the same transform: a rescaling that clips that tail flipped the
+    fit of a real head (NiChart s21 T1: 20 degrees as stored, 7 clipped)."""
+    from dataclasses import replace
+
+    import nibabel as nib
+
+    from deface.io import Volume
+    from deface.preprocessing import to_canonical
+
+    image, affine, _ = tilted_atlas_head(8.0, 0.0)
+    defacer = tiny_atlas_defacer()
+    canon = to_canonical(image, affine, defacer.spacing, defacer.multiple)
+    tail = canon.image > 1.0
+    assert 0 < int(tail.sum()) < 0.02 * int((canon.image > 0.1).sum())
+    brighter = replace(canon, image=torch.where(tail, torch.full_like(canon.image, 1.5), canon.image))
+    volume = Volume(nib.Nifti1Image(image, affine), image)
+    _, first = defacer.register(volume, canon)
+    _, second = defacer.register(volume, brighter)
+    assert first.status == second.status == "ok"
+    np.testing.assert_array_equal(first.to_atlas, second.to_atlas)

@@ -136,6 +136,26 @@ def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
     assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
 
 
+def test_a_head_known_not_brain_only_is_not_judged_again(defacer):
+    """``judge_brain_only=False`` (a registered head: the first pass said it is not skull-stripped)
+    removes the face that the brain-only rule would have kept."""
+    from deface.postprocessing import canonical_masks
+
+    img = make_phantom()
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    stripped = nib.Nifti1Image(np.where(truth == BRAIN, np.asanyarray(img.dataobj), 0).astype(np.int16), img.affine)
+    volume, canon, _ = defacer.prepare(stripped)
+    probs = oracle_probs(defacer, canon)
+    points = world_points(canon.grid.shape, canon.grid.affine)
+    frontal = (probs[BRAIN] > 0.5) & torch.from_numpy(points[..., 1] > 40)
+    probs[FACE][frontal], probs[BRAIN][frontal] = 1.0, 0.0
+    args = (probs, defacer.spacing, defacer.post, canon.inside, canon.image[0])
+    judged, known = canonical_masks(*args), canonical_masks(*args, judge_brain_only=False)
+    assert judged.brain_only and not judged.remove.any()
+    assert not known.brain_only and known.face_found and known.remove.any()
+    assert torch.equal(judged.protect, known.protect)
+
+
 def test_whole_head_is_not_taken_for_brain_only(defacer):
     result = deface_with_oracle(defacer, make_phantom())
     assert not result.stats["brain_only"] and result.stats["removed_voxels"] > 0
@@ -536,7 +556,8 @@ def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch
 def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
     """Little tissue beyond the brain (a field of view cut at the mouth) passed as skull-stripped
     and kept its face; a face lying far beyond the brain says it is a head. Face called near the
-    brain (frontal lobe, as a network may call it in a skull-stripped image) does not."""
+    brain (frontal lobe, as a network may call it in a skull-stripped image) does not, nor does face
+    called behind the brain's centre."""
     from deface.postprocessing import PostprocessConfig, looks_brain_only
 
     cfg, spacing = PostprocessConfig(), 2.0
@@ -549,3 +570,6 @@ def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
     assert looks_brain_only(tissue | nose_and_cheeks, brain, spacing, cfg)  # by the tissue rule alone
     assert not looks_brain_only(tissue | nose_and_cheeks, brain, spacing, cfg, nose_and_cheeks)
     assert looks_brain_only(tissue, brain & ~torch.from_numpy(frontal), spacing, cfg, frontal)
+    # "face" as far behind the brain (a cerebellum the network missed) is no face: still brain-only
+    behind = (mm[..., 1] < -61) & (mm[..., 1] >= -81) & (np.abs(mm[..., 0]) <= 35) & (np.abs(mm[..., 2]) <= 25)
+    assert looks_brain_only(tissue | behind, brain, spacing, cfg, behind)
