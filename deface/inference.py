@@ -278,7 +278,9 @@ class Defacer:
         else:
             volume = io.from_image(source, None, self.max_voxels)
         ref = volume.reference(self.mask_from)
-        if not np.isfinite(ref).any() or np.nanmax(ref) == np.nanmin(ref):
+        if not np.isfinite(ref).any():
+            raise io.InputError("the image has no finite values (all NaN or Inf): nothing to deface")
+        if np.nanmax(ref) == np.nanmin(ref):
             raise io.InputError("the image is constant (all voxels equal): nothing to deface")
         canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
         if self.atlas is None:

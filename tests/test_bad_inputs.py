@@ -290,37 +290,44 @@ def header_only_vox_offset(tmp):
     return path
 
 
-FAIL, OK = "fail", "ok"
+OK = "ok"
+
+
+def fail(message: str) -> str:
+    """A case that must fail with one error line holding ``message`` (not just any exception)."""
+    return "fail: " + message
+
+
 CASES = {
-    "truncated .nii.gz": (truncated_gz, FAIL),
-    "truncated .nii": (truncated_nii, FAIL),
-    "random bytes .nii": (random_bytes("x.nii"), FAIL),
-    "random bytes .nii.gz": (random_bytes("x.nii.gz"), FAIL),
-    "empty .nii": (empty("x.nii"), FAIL),
-    "empty .nii.gz": (empty("x.nii.gz"), FAIL),
-    "gzip of garbage": (gz_of_garbage, FAIL),
-    "uncompressed file named .nii.gz": (uncompressed_named_gz, FAIL),
-    "2D image": (image_2d, FAIL),
-    "5D image": (image_5d, FAIL),
-    "single slice": (single_slice, FAIL),
+    "truncated .nii.gz": (truncated_gz, fail('truncated or corrupt')),
+    "truncated .nii": (truncated_nii, fail('truncated or corrupt')),
+    "random bytes .nii": (random_bytes("x.nii"), fail('not a readable NIfTI/MGH image')),
+    "random bytes .nii.gz": (random_bytes("x.nii.gz"), fail('not a readable NIfTI/MGH image')),
+    "empty .nii": (empty("x.nii"), fail('not a readable NIfTI/MGH image')),
+    "empty .nii.gz": (empty("x.nii.gz"), fail('not a readable NIfTI/MGH image')),
+    "gzip of garbage": (gz_of_garbage, fail('not a readable NIfTI/MGH image')),
+    "uncompressed file named .nii.gz": (uncompressed_named_gz, fail('not a gzip file')),
+    "2D image": (image_2d, fail('image is 2D')),
+    "5D image": (image_5d, fail('image has 5 dimensions')),
+    "single slice": (single_slice, fail('a single slice')),
     "2x2x2 volume": (tiny_volume, OK),  # no face in it: written unchanged
     "some NaN voxels": (some_nan, OK),
-    "all NaN": (all_nan, FAIL),
+    "all NaN": (all_nan, fail('no finite values')),
     "Inf voxels": (some_inf, OK),
-    "all zeros": (all_zero, FAIL),
-    "constant image": (constant, FAIL),
-    "singular affine": (singular_affine, FAIL),
-    "NaN in affine": (nan_affine, FAIL),
-    "zero pixdims": (patched_pixdim([0, 0, 0]), FAIL),
+    "all zeros": (all_zero, fail('the image is constant')),
+    "constant image": (constant, fail('the image is constant')),
+    "singular affine": (singular_affine, fail('the affine (voxel to world) is singular')),
+    "NaN in affine": (nan_affine, fail('the affine (voxel to world) is singular')),
+    "zero pixdims": (patched_pixdim([0, 0, 0]), fail('voxel sizes (pixdim) are zero')),
     "negative pixdims": (patched_pixdim([-4.0, -3.5, -3.8]), OK),
-    "too large for memory": (too_large, FAIL),
+    "too large for memory": (too_large, fail('raise --max-voxels')),
     "uint8": (dtype_case(np.uint8), OK),
     "int8": (dtype_case(np.int8), OK),
     "uint16": (dtype_case(np.uint16), OK),
     "int32": (dtype_case(np.int32), OK),
     "float64": (dtype_case(np.float64), OK),
-    "complex": (complex_data, FAIL),
-    "RGB": (rgb_data, FAIL),
+    "complex": (complex_data, fail('is not a magnitude image')),
+    "RGB": (rgb_data, fail('is not a magnitude image')),
     "scl_slope 0": (bad_slope(0.0), OK),
     "scl_slope NaN": (bad_slope(np.nan), OK),
     "NIfTI-2": (nifti2, OK),
@@ -334,11 +341,11 @@ CASES = {
     "35 mm voxels": (huge_voxels, OK),
     "negative intensities": (negative_values, OK),
     "binary mask, not an MRI": (binary_mask, OK),
-    "dangling symlink": (dangling_symlink, FAIL),
+    "dangling symlink": (dangling_symlink, fail('No such file')),
     "symlinked input": (symlinked_input, OK),
     "a few voxels across": (few_voxels, OK),
-    "directory named .nii.gz": (directory_named_nifti, FAIL),
-    "vox_offset beyond the end": (header_only_vox_offset, FAIL),
+    "directory named .nii.gz": (directory_named_nifti, fail('no NIfTI/MGH files in it')),
+    "vox_offset beyond the end": (header_only_vox_offset, fail('truncated or corrupt')),
 }
 
 
@@ -366,9 +373,11 @@ def test_bad_input_is_reported_and_batch_goes_on(case, batch, caplog):
     assert (out / "good_defaced.nii.gz").exists(), "the rest of the batch must still be done"
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary file may be left"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    if expected == FAIL:
+    if expected != OK:
         assert code == 1
         assert len(errors) == 1 and path.name in errors[0] and "\n" not in errors[0], errors
+        assert expected.removeprefix("fail: ") in errors[0], errors
+        assert "please report" not in errors[0], errors  # an unexpected exception is no expected failure
         assert not (out / "x_defaced.nii.gz").exists()
     else:
         assert code == 0, errors
