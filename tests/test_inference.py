@@ -121,8 +121,9 @@ def test_constant_image_is_refused(defacer):
         defacer.deface(nib.Nifti1Image(np.zeros((20, 22, 24), np.float32), np.eye(4)))
 
 
-def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
-    """A skull-stripped head whose frontal lobe the network calls face: nothing may change."""
+def stripped_with_frontal_face(defacer):
+    """(volume, canon, registration, probs) of the phantom's brain alone, prepared, with oracle
+    probabilities that call its frontal lobe face (as a network may on a skull-stripped image)."""
     img = make_phantom()
     truth = phantom_truth(world_points(img.shape, img.affine))
     stripped = nib.Nifti1Image(np.where(truth == BRAIN, np.asanyarray(img.dataobj), 0).astype(np.int16), img.affine)
@@ -131,6 +132,12 @@ def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
     points = world_points(canon.grid.shape, canon.grid.affine)
     frontal = (probs[BRAIN] > 0.5) & torch.from_numpy(points[..., 1] > 40)
     probs[FACE][frontal], probs[BRAIN][frontal] = 1.0, 0.0
+    return volume, canon, registration, probs
+
+
+def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
+    """A skull-stripped head whose frontal lobe the network calls face: nothing may change."""
+    volume, canon, registration, probs = stripped_with_frontal_face(defacer)
     result = defacer.apply(volume, canon, probs, registration)
     assert result.stats["brain_only"] and not result.stats["face_found"]
     assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
@@ -141,14 +148,7 @@ def test_a_head_known_not_brain_only_is_not_judged_again(defacer):
     removes the face that the brain-only rule would have kept."""
     from deface.postprocessing import canonical_masks
 
-    img = make_phantom()
-    truth = phantom_truth(world_points(img.shape, img.affine))
-    stripped = nib.Nifti1Image(np.where(truth == BRAIN, np.asanyarray(img.dataobj), 0).astype(np.int16), img.affine)
-    volume, canon, _ = defacer.prepare(stripped)
-    probs = oracle_probs(defacer, canon)
-    points = world_points(canon.grid.shape, canon.grid.affine)
-    frontal = (probs[BRAIN] > 0.5) & torch.from_numpy(points[..., 1] > 40)
-    probs[FACE][frontal], probs[BRAIN][frontal] = 1.0, 0.0
+    _, canon, _, probs = stripped_with_frontal_face(defacer)
     args = (probs, defacer.spacing, defacer.post, canon.inside, canon.image[0])
     judged, known = canonical_masks(*args), canonical_masks(*args, judge_brain_only=False)
     assert judged.brain_only and not judged.remove.any()
