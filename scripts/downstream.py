@@ -12,7 +12,8 @@ classes by intensity (deface.evaluation.intensity_classes: CSF, grey, white matt
 classifier without bias field or neighbourhood prior; no PyPI package found here ships a tissue
 model inside its wheel: deepmriprep 0.1.0-0.3.0 and brainchop 0.2.5 download theirs at first use).
 Columns: Dice of the brain mask against the original's, brain volume change (%), per-class Dice
-against the original's classes, and voxels of the original's brain mask the method changed.
+against the original's classes, voxels of the original's brain mask the method changed, and the median
+distance (mm) from the voxels whose brain mask changed to the nearest voxel the method changed.
 Evaluation only: ``pip install deepbet niimath pydeface``; nothing here runs in deface itself.
 """
 
@@ -53,6 +54,18 @@ def analyse(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     brain = independent_brain(data, affine, "deepbet")
     return brain, intensity_classes(data, brain)
+
+
+def moved_mm(moved: np.ndarray, changed: np.ndarray, affine: np.ndarray) -> float:
+    """Median distance (mm) from the voxels whose brain mask changed to the nearest voxel the
+    method changed (nan if either is empty): small when the mask retreats from the hole, large when
+    the extractor reacts to the image as a whole (e.g. its intensity normalisation)."""
+    from scipy import ndimage as ndi
+
+    if not moved.any() or not changed.any():
+        return float("nan")
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    return float(np.median(ndi.distance_transform_edt(~changed, sampling=spacing)[moved]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                            "brain_dice": dice(brain, brain0),
                            "brain_volume_pct": 100.0 * (brain.sum() - brain0.sum()) / max(int(brain0.sum()), 1),
                            **{f"tissue{c}_dice": dice(tissue == c, tissue0 == c) for c in (1, 2, 3)},
-                           "brain_changed": int(((out != image) & brain0).sum())}
+                           "brain_changed": int(((out != image) & brain0).sum()),
+                           "mask_moved_mm": moved_mm(brain ^ brain0, out != image, affine)}
                     rows.append(row)
                     print(" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()),
                           file=sys.stderr, flush=True)
