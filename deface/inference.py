@@ -159,6 +159,14 @@ class Outcome:
     report_row: dict[str, Any] | None = None  # with ``qc``: the QC report's row
 
 
+def registration_image(canon: CanonicalInput) -> np.ndarray:
+    """The network input's intensities clipped to [0, 1] (up to the 99.5th percentile), as the atlas
+    is registered to them: the fit's mutual information bins the whole range, so the brightest 0.5 %
+    (fat, vessels, markers) moved its optimum (NiChart s21 T1: 20 degrees as stored, 7 after a
+    rescale that clipped that tail)."""
+    return canon.image[0].numpy().clip(0.0, 1.0)
+
+
 def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     """(status, summary) of one defaced image from its stats; logs what the user must check."""
     if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
@@ -301,10 +309,7 @@ class Defacer:
                                   rotation_deg)
 
         t0 = time.perf_counter()
-        # Registered on intensities clipped to [0, 1] (up to the 99.5th percentile): the fit's mutual
-        # information bins the whole range, so the brightest 0.5 % (fat, vessels, markers) moved its
-        # optimum (NiChart s21 T1: 20 degrees as stored, 7 after a rescale that clipped that tail).
-        image, affine = canon.image[0].numpy().clip(0.0, 1.0), canon.grid.affine
+        image, affine = registration_image(canon), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
@@ -322,8 +327,7 @@ class Defacer:
             if rotation_deg(pose) > self.post.atlas_search_deg:
                 ref = volume.reference(self.mask_from)
                 seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
-                searched = register_atlas(self.atlas, seen.image[0].numpy().clip(0.0, 1.0), seen.grid.affine,
-                                          start=start)
+                searched = register_atlas(self.atlas, registration_image(seen), seen.grid.affine, start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
                     reg = searched

@@ -316,8 +316,8 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     tissue signal (an already defaced image has only air where a face was), and nothing is
     removed from an image that looks brain-only (``looks_brain_only``; ``judge_brain_only=False``:
     the caller already knows it is not, e.g. from the network's first pass on the unturned grid).
-    With ``brain_support``
-    (X, Y, Z; e.g. the registered atlas brain grown by ``atlas_brain_support_mm``) holding at least
+    With ``brain_support`` (X, Y, Z; e.g. the registered atlas brain grown by
+    ``atlas_brain_support_mm``) holding at least
     ``atlas_brain_agreement`` of the network's brain (or with a network "brain" larger than
     ``brain_only_max_brain_ml``), only the network's brain within it is protected.
     """
@@ -334,7 +334,8 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    brain_only = found and judge_brain_only and signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    brain_only = (found and judge_brain_only and signal is not None
+                  and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face))
     if not found or brain_only:
         return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face

@@ -59,7 +59,7 @@ def analyse(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def moved_mm(moved: np.ndarray, changed: np.ndarray, affine: np.ndarray) -> float:
     """Median distance (mm) from the voxels whose brain mask changed to the nearest voxel the
     method changed (nan if either is empty): small when the mask retreats from the hole, large when
-    the extractor reacts to the image as a whole (e.g. its intensity normalisation)."""
+    the extractor redraws its brain all round (deepbet's network after --mode zero)."""
     from scipy import ndimage as ndi
 
     if not moved.any() or not changed.any():
