@@ -317,9 +317,9 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     removed from an image that looks brain-only (``looks_brain_only``; ``judge_brain_only=False``:
     the caller already knows it is not, e.g. from the network's first pass on the unturned grid).
     With ``brain_support`` (X, Y, Z; e.g. the registered atlas brain grown by
-    ``atlas_brain_support_mm``) holding at least
-    ``atlas_brain_agreement`` of the network's brain (or with a network "brain" larger than
-    ``brain_only_max_brain_ml``), only the network's brain within it is protected.
+    ``atlas_brain_support_mm``) holding at least ``atlas_brain_agreement`` of the network's brain
+    (or with a network "brain" larger than ``brain_only_max_brain_ml``), only the network's brain
+    within it is protected.
     """
     labels, signal, face = network_face(probs, spacing, cfg, inside, image)
     voxel_ml = spacing**3 / 1000.0

@@ -62,10 +62,11 @@ def moved_mm(moved: np.ndarray, changed: np.ndarray, affine: np.ndarray) -> floa
     the extractor redraws its brain all round (deepbet's network after --mode zero)."""
     from scipy import ndimage as ndi
 
+    from deface.preprocessing import voxel_sizes
+
     if not moved.any() or not changed.any():
         return float("nan")
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
-    return float(np.median(ndi.distance_transform_edt(~changed, sampling=spacing)[moved]))
+    return float(np.median(ndi.distance_transform_edt(~changed, sampling=voxel_sizes(affine))[moved]))
 
 
 def main(argv: list[str] | None = None) -> int:
