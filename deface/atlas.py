@@ -29,6 +29,7 @@ import torch
 from scipy import ndimage as ndi
 
 from deface.anatomy import fill_slices, largest_component
+from deface.preprocessing import Grid, antialias, resample, voxel_sizes
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
@@ -115,8 +116,6 @@ def plausible(to_atlas: np.ndarray) -> bool:
 
 def outline_overlap(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     """Dice of the solid heads of ``fixed`` and of ``moving`` mapped onto it, within 130 mm of the top."""
-    from deface.preprocessing import Grid, resample
-
     warped = resample(torch.from_numpy(moving.solid.astype(np.float32))[None],
                       np.linalg.inv(to_moving) @ moving.affine, Grid(tuple(fixed.image.shape), fixed.affine))[0].numpy()
     scan = fixed.solid & fixed.near_top
@@ -136,8 +135,6 @@ def refine_on_brain(fixed: Head, moving: Head, to_moving: np.ndarray, prior: tup
     brain, CSF and skull edges fix the head's pitch; kept only if the head outline still fits
     and the transform stays plausible. The outline of a round skull leaves pitch loose: an
     IXI head's atlas brain reached into its orbits without this."""
-    from deface.preprocessing import Grid, resample
-
     prob, prior_affine = prior
     grid = Grid(tuple(fixed.image.shape), fixed.affine)
     brain = resample(torch.from_numpy(prob)[None], np.linalg.inv(to_moving) @ prior_affine, grid)[0].numpy() >= 0.5
@@ -180,7 +177,7 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     t0 = time.perf_counter()
     # A rotated grid is registered as if it were axis-aligned (a virtual world: the grid's own
     # axes), then the result is taken back to the real world.
-    virtual = np.diag([*np.sqrt((affine[:3, :3] ** 2).sum(0)), 1.0])
+    virtual = np.diag([*voxel_sizes(affine), 1.0])
     virtual[:3, 3] = affine[:3, 3]
     to_virtual = virtual @ np.linalg.inv(affine)
     try:
@@ -261,8 +258,6 @@ def rotation_deg(rotation: np.ndarray) -> float:
 
 def _coarse(mask: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """``mask`` averaged onto a grid of about SEARCH_SPACING_MM (float, (X, Y, Z)) and its affine."""
-    from deface.preprocessing import antialias
-
     pooled, pooled_affine = antialias(torch.from_numpy(mask.astype(np.float32))[None], affine, SEARCH_SPACING_MM)
     return pooled[0], pooled_affine
 
@@ -360,16 +355,14 @@ def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), s
     return best, best_mi
 
 
-def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: "Grid", threshold: float) -> torch.Tensor:  # noqa: F821
+def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: Grid, threshold: float) -> torch.Tensor:
     """The atlas brain (probability >= ``threshold``) on any grid, through a registration."""
-    from deface.preprocessing import resample
-
     # Grid voxel -> world -> atlas world -> atlas voxel.
     prob = resample(torch.from_numpy(atlas.brain)[None], np.linalg.inv(to_atlas) @ atlas.affine, grid)[0]
     return prob >= threshold
 
 
-def atlas_points(to_atlas: np.ndarray, grid: "Grid") -> np.ndarray:  # noqa: F821
+def atlas_points(to_atlas: np.ndarray, grid: Grid) -> np.ndarray:
     """Atlas (MNI) world coordinates (X, Y, Z, 3) of every voxel of ``grid`` through a
     registration, for the regions of deface.anatomy (``face_region_mni``, ``ear_region_mni``;
     the BrainWeb atlas is in MNI space). Computed once per image, whatever number of regions."""
@@ -381,8 +374,6 @@ def atlas_points(to_atlas: np.ndarray, grid: "Grid") -> np.ndarray:  # noqa: F82
 def _to_sitk(image: np.ndarray, affine: np.ndarray):
     """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
     import SimpleITK as sitk
-
-    from deface.preprocessing import voxel_sizes
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0), dtype=np.float32))
     img.SetSpacing([float(s) for s in voxel_sizes(affine)])

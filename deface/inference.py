@@ -368,8 +368,8 @@ class Defacer:
         # not skull-stripped by the network's first pass (``register_unless_brain_only``). A second
         # pass on a grid turned upright is not asked again (s19 FLAIR cut at the mouth: its face far
         # from the brain 73 mL on the first pass, 44.6 on the turned one, under the 45 mL limit).
-        judge = registration is None or registration.status == NOT_NEEDED
-        regions = self.regions(canon, probs, to_atlas, judge_brain_only=judge)
+        known = None if registration is None else registration.status == NOT_NEEDED
+        regions = self.regions(canon, probs, to_atlas, brain_only=known)
         masks = regions.removal()
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
@@ -404,10 +404,11 @@ class Defacer:
         return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid, regions)
 
     def regions(self, canon: CanonicalInput, probs: torch.Tensor, to_atlas: np.ndarray | None,
-                judge_brain_only: bool = True) -> Regions:
+                brain_only: bool | None = None) -> Regions:
         """The regions ``apply`` removes and protects for the network's ``probs`` on ``canon``,
         through the registration ``to_atlas`` (image -> atlas world; None: the network alone);
-        ``judge_brain_only``: see ``canonical_masks``."""
+        ``brain_only``: whether the image is known to be brain-only (None: judge it), see
+        ``canonical_masks``."""
         guard = support = None
         if self.post.atlas and to_atlas is not None:
             from deface.atlas import brain_on_grid
@@ -415,7 +416,7 @@ class Defacer:
             guard = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
             support = grow(guard, self.post.atlas_brain_support_mm, self.spacing)
         masks = canonical_masks(probs, self.spacing, self.post, canon.inside, canon.image[0], support,
-                                judge_brain_only=judge_brain_only)
+                                brain_only=brain_only)
         regions = Regions(masks)
         # the ears go with a face: an image where none is found (skull-stripped, no head) stays whole
         wants_ears = self.ears and to_atlas is not None and masks.face_found

@@ -309,13 +309,14 @@ def looks_skull_stripped(probs: torch.Tensor, spacing: float, cfg: PostprocessCo
 
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                     inside: torch.Tensor | None = None, image: torch.Tensor | None = None,
-                    brain_support: torch.Tensor | None = None, judge_brain_only: bool = True) -> CanonicalMasks:
+                    brain_support: torch.Tensor | None = None, brain_only: bool | None = None) -> CanonicalMasks:
     """Removal and protection masks on the canonical grid from probabilities (C, X, Y, Z).
 
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
     tissue signal (an already defaced image has only air where a face was), and nothing is
-    removed from an image that looks brain-only (``looks_brain_only``; ``judge_brain_only=False``:
-    the caller already knows it is not, e.g. from the network's first pass on the unturned grid).
+    removed from an image that is brain-only: ``brain_only`` when the caller knows (a registered
+    head is not: the first pass on the unturned grid said so; an image ``looks_skull_stripped``
+    called brain-only is), else as ``looks_brain_only`` judges it.
     With ``brain_support`` (X, Y, Z; e.g. the registered atlas brain grown by
     ``atlas_brain_support_mm``) holding at least ``atlas_brain_agreement`` of the network's brain
     (or with a network "brain" larger than ``brain_only_max_brain_ml``), only the network's brain
@@ -334,8 +335,9 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
             brain_like = kept
     protect = grow(brain_like, cfg.brain_margin_mm, spacing)
     found = face_ml >= cfg.min_face_ml
-    brain_only = (found and judge_brain_only and signal is not None
-                  and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face))
+    if brain_only is None:
+        brain_only = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    brain_only = found and brain_only
     if not found or brain_only:
         return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
     remove = face

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head, independent_mask
 
     from deface import BRAIN, Defacer
+    from deface.preprocessing import voxel_sizes
     from deface.render import render_views
 
     plain = Defacer()
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         without, with_ears = (plain.apply(volume, canon, probs, registration),
                               ears.apply(volume, canon, probs, registration))
         added = with_ears.mask & ~without.mask
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        spacing = voxel_sizes(affine)
         brain, indep = labels == BRAIN, independent_mask(args.cache, name, data, affine, ["deepbet"])
         nearest = [float(ndi.distance_transform_edt(~m, sampling=spacing)[added].min()) if added.any() else float("nan")
                    for m in (brain, indep)]

@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 from deface import BRAIN, FACE
 from deface.data.labels import voxel_world
 from deface.evaluation import near_skin
+from deface.preprocessing import voxel_sizes
 
 MARGINS_MM = (3.0, 6.0, 9.0, 12.0)
 UPPER_FACE_Z = -30.0  # MNI mm: the lower edge of the orbits; above it are the eyes, lids and brows
@@ -46,7 +47,7 @@ def main() -> int:
             continue
         to_mni = np.array(index[name]["to_mni"])  # scan world -> MNI world (the labeller's registration)
         mni = voxel_world(labels.shape, to_mni @ affine)
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        spacing = voxel_sizes(affine)
         image = z["image"].astype(np.float32)
         skin = near_skin(image > 0.05 * np.percentile(image, 99.5), spacing, 5.0)
         upper = (labels == FACE) & (mni[..., 2] >= UPPER_FACE_Z) & skin

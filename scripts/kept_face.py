@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deface import FACE, Defacer
     from deface.evaluation import near_skin
-    from deface.preprocessing import resample
+    from deface.preprocessing import resample, voxel_sizes
 
     d = Defacer()
     total = np.zeros(5)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         regions, grid = result.regions, result.grid  # as Defacer.apply removed and protected
         shape = grid.shape
         tissue = data > 0.05 * np.percentile(data, 99.5)
-        surface = (labels == FACE) & tissue & near_skin(tissue, np.sqrt((affine[:3, :3] ** 2).sum(0)), 10.0)
+        surface = (labels == FACE) & tissue & near_skin(tissue, voxel_sizes(affine), 10.0)
         surface = resample(torch.from_numpy(surface.astype(np.float32))[None], affine, grid)[0].numpy() >= 0.5
         network = regions.network.protect.numpy()
         atlas = regions.atlas.numpy() if regions.atlas is not None else np.zeros(shape, bool)

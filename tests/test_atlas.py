@@ -322,8 +322,10 @@ def tiny_atlas_defacer(**post):
 def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     """A brain alone (no more tissue than ``brain_only_max_tissue_ml``) is not registered in
     ``prepare``; when the network's masks say it looks skull-stripped (a face found or not),
-    ``apply`` does not register it either, and the image comes back unchanged."""
+    ``apply`` does not register it either, nor asks the brain-only question a second time, and the
+    image comes back unchanged."""
     import deface.atlas
+    import deface.postprocessing
     from deface.atlas import brain_on_grid
     from deface.inference import DEFERRED, NOT_NEEDED, outcome_of
     from deface.postprocessing import grow
@@ -338,6 +340,9 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
         raise AssertionError("a brain-only image was registered")
 
     monkeypatch.setattr(deface.atlas, "register_atlas", no_registration)
+    asked = []
+    judge = deface.postprocessing.looks_brain_only
+    monkeypatch.setattr(deface.postprocessing, "looks_brain_only", lambda *a, **k: asked.append(1) or judge(*a, **k))
     volume, canon, registration = defacer.prepare(stripped)
     assert registration.status == DEFERRED and registration.to_atlas is None
     world = world_points(canon.grid.shape, canon.grid.affine)
@@ -350,7 +355,7 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     result = defacer.apply(volume, canon, probs, registration)
     assert result.stats["brain_only"] and result.stats["atlas_registration"] == NOT_NEEDED
     assert result.stats["atlas_s"] == 0.0 and np.array_equal(result.raw, volume.raw)
-    assert outcome_of("stripped", result.stats)[0] == "brain only"
+    assert outcome_of("stripped", result.stats)[0] == "brain only" and len(asked) == 1
     probs[FACE], probs[BACKGROUND] = 0.0, frontal.float()  # a network that finds no face: "no face", unregistered too
     result = defacer.apply(volume, canon, probs, registration)
     assert not result.stats["face_found"] and result.stats["atlas_registration"] == NOT_NEEDED
@@ -367,9 +372,9 @@ def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
 
     judged = []
 
-    def spy(*args, judge_brain_only=True, **kwargs):
-        judged.append(judge_brain_only)
-        return canonical_masks(*args, judge_brain_only=judge_brain_only, **kwargs)
+    def spy(*args, brain_only=None, **kwargs):
+        judged.append(brain_only)
+        return canonical_masks(*args, brain_only=brain_only, **kwargs)
 
     monkeypatch.setattr(deface.inference, "canonical_masks", spy)
     img = nib.load(str(EXAMPLE_HEAD))

@@ -144,16 +144,19 @@ def test_brain_only_image_is_left_whole_even_when_network_sees_a_face(defacer):
 
 
 def test_a_head_known_not_brain_only_is_not_judged_again(defacer):
-    """``judge_brain_only=False`` (a registered head: the first pass said it is not skull-stripped)
-    removes the face that the brain-only rule would have kept."""
+    """``brain_only=False`` (a registered head: the first pass said it is not skull-stripped)
+    removes the face that the brain-only rule would have kept; ``brain_only=True`` (the first pass
+    said it is) gives what judging it gives."""
     from deface.postprocessing import canonical_masks
 
     _, canon, _, probs = stripped_with_frontal_face(defacer)
     args = (probs, defacer.spacing, defacer.post, canon.inside, canon.image[0])
-    judged, known = canonical_masks(*args), canonical_masks(*args, judge_brain_only=False)
+    judged, known = canonical_masks(*args), canonical_masks(*args, brain_only=False)
     assert judged.brain_only and not judged.remove.any()
     assert not known.brain_only and known.face_found and known.remove.any()
     assert torch.equal(judged.protect, known.protect)
+    stripped = canonical_masks(*args, brain_only=True)
+    assert stripped.brain_only == judged.brain_only and torch.equal(stripped.remove, judged.remove)
 
 
 def test_whole_head_is_not_taken_for_brain_only(defacer):

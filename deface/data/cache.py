@@ -85,8 +85,9 @@ def label_extra_head(args: tuple[Path, Path, Path]) -> tuple[str, dict]:
     if brain_from != "atlas":  # an extractor that ships its model (evaluation extra), at labelling time only
         from deface.data.labeller import head_mask
         from deface.evaluation import independent_brain
+        from deface.preprocessing import voxel_sizes
 
-        spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+        spacing = voxel_sizes(img.affine)
         brain = independent_brain(data, img.affine, brain_from) & head_mask(data, spacing)
     labels, to_mni = label_scan(data, img.affine, root, brain=brain, template="brainweb", shrink=FAST_SHRINK,
                                 second_opinion=True)

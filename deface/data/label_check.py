@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 
 from deface import BRAIN, FACE
 from deface.anatomy import ball
+from deface.preprocessing import voxel_sizes
 
 BRAIN_ML = (900.0, 2400.0)
 MIN_FACE_ML = 60.0
@@ -25,7 +26,7 @@ MAX_TOUCHING = 0.01  # ... as a fraction of the face: more is a flag (a 4.8 mm-s
 
 def check_labels(labels: np.ndarray, affine: np.ndarray) -> list[str]:
     """Reasons why a label map (on a RAS-oriented grid with ``affine``) is implausible."""
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = voxel_sizes(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     face, brain = labels == FACE, labels == BRAIN
     flags = []

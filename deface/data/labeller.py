@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from deface.atlas import Head, refine_on_brain, register_head
+from deface.preprocessing import voxel_sizes
 
 log = logging.getLogger("deface.label")
 
@@ -116,7 +117,7 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     to_mni = refine_on_brain(fixed_head, moving_head, to_mni, prior, shrink=shrink)
     if second_opinion and template == "brainweb":
         to_mni = better_fit(data, affine, fixed_head, to_mni)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = voxel_sizes(affine)
     head = head_mask(data, spacing)
     if brain is None:
         prob, prior_affine = prior

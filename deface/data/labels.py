@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 from deface import BACKGROUND, BRAIN, FACE
 from deface.anatomy import (FACE_BOTTOM_Z, FACE_BOUNDARY_Y, FACE_BOUNDARY_Z, FACE_TOP_Z,  # noqa: F401 (re-exported)
                             ball, face_region_mni, fill_slices, largest_component, voxel_world)
+from deface.preprocessing import voxel_sizes
 
 BRAIN_GAP_MM = 3.0  # face labels keep this distance from the brain label
 
@@ -25,7 +26,7 @@ def compose_labels(head: np.ndarray, brain: np.ndarray, to_mni: np.ndarray, affi
 
     Face = head tissue inside the MNI face region and at least ``BRAIN_GAP_MM`` from the brain.
     """
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = voxel_sizes(affine)
     mni = voxel_world(head.shape, to_mni @ affine)
     near_brain = ndi.binary_dilation(brain, ball(BRAIN_GAP_MM / spacing))
     face = head & face_region_mni(mni) & ~near_brain
