@@ -182,6 +182,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weights", default=None)
     args = p.parse_args()
+    import deface  # a worktree's scripts (and deface-infer) import the editable install unless PYTHONPATH names it
+
+    print(f"code: {Path(deface.__file__).parent}")
     if args.versus_niimath:
         versus_niimath(args.runs, args.batch)
         return

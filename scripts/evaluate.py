@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    import deface
     from deface.evaluation import ACQUISITIONS, acquisition_variant, contrast_variant, orientation_agreement, score_head
     from deface.inference import Defacer
 
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     post = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.post)}
     defacer = Defacer(weights=args.weights, device=args.device, atlas_guard=False if args.no_atlas else None,
                       post=post, mode=args.mode, ears=args.ears)
+    # a worktree's scripts import the editable install's deface unless PYTHONPATH names the worktree
+    print(f"code: {Path(deface.__file__).parent}", file=sys.stderr)
     print(f"postprocessing: {defacer.post}", file=sys.stderr)
     print(f"weights: {defacer.metadata.get('name')} {defacer.metadata.get('version')}", file=sys.stderr)
     subjects = list(args.subjects)
