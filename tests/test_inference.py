@@ -193,6 +193,23 @@ def test_already_defaced_head_is_flagged(defacer):
     assert second.stats["already_defaced"]
 
 
+def test_already_defaced_is_zeros_where_the_face_was_in_otherwise_noisy_air():
+    """The mark of an earlier defacing: the region is mostly exact zeros and the air elsewhere is
+    not; zero-valued air everywhere (a resampled or masked image) or signal in the region is not it."""
+    from deface.inference import looks_already_defaced
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(1, 20, (41, 50, 37)).astype(np.float32)
+    image[10:30, 10:40, 5:30] = 1000.0  # the head
+    remove = np.zeros(image.shape, bool)
+    remove[12:28, 40:49, 5:20] = True  # in front of it
+    assert not looks_already_defaced(image, remove)  # noise there: a face region never touched
+    image[remove] = 0
+    assert looks_already_defaced(image, remove)
+    image[image < 100] = 0  # the air zero everywhere: no mark of a tool
+    assert not looks_already_defaced(image, remove)
+
+
 def test_a_mask_on_zero_valued_air_removes_nothing_and_says_so(defacer):
     """Two skull-stripped brains were once reported 'face found, removed 51.6 mL' while not one
     voxel changed: removed counts changed voxels, and such an image has no face."""
