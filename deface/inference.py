@@ -432,6 +432,10 @@ class Defacer:
             regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, mni)
             regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,
                                                                self.post.atlas_face_bottom_margin_mm))
+            if self.post.atlas_network_reach_mm > 0:
+                front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
+                beyond = regions.allowed & front & ~grow(guard, self.post.atlas_network_reach_mm, self.spacing)
+                regions.network = replace(masks, protect=masks.protect & ~beyond)
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
                 tissue = tissue_signal(canon.image[0], canon.inside, self.post)
                 regions.complete = torch.from_numpy(face_region_mni(mni)) & tissue

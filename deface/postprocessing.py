@@ -115,6 +115,13 @@ class PostprocessConfig:
     # (``brain_only_max_brain_ml``; the s19 T1: 3.3 L): then the network is the one confused.
     atlas_brain_support_mm: float = 20.0
     atlas_brain_agreement: float = 0.9
+    # In the registered face region in front of MNI y = ``atlas_front_y_mm`` the network's protected
+    # brain (+ ``brain_margin_mm``) reaches at most this far from the registered atlas brain (0: no
+    # limit). A field of view cut at the mouth makes the network's brain spill towards the eyes and
+    # brows (s19 FLAIR: 58 mL in the face region that is not brain, all within 10 mm of the atlas
+    # brain, its margin keeping 35 % of the face surface), while real brain there lay within
+    # 4.5 mm of the atlas brain on every validation variant (docs/evaluation.md, 2026-12-05 (c)).
+    atlas_network_reach_mm: float = 0.0
 
 
 @dataclass

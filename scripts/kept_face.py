@@ -2,7 +2,7 @@
 label within 10 mm of the skin, on the network's canonical grid) that the wrapper removes, and
 of the rest, what kept it, first reason first:
 
-    python scripts/kept_face.py --subjects real_ixi015_t1 real_nichart_demo_s19_flair
+    python scripts/kept_face.py --subjects real_ixi015_t1 real_nichart_demo_s19_flair [--acquisition crop_mouth]
 
 - not predicted: the network did not call it face (not even inside a protected zone);
 - network brain: inside the network's brain + brain margin;
@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path("data_cache"))
     p.add_argument("--subjects", nargs="+", required=True)
+    p.add_argument("--acquisition", default="original", help="as scripts/evaluate.py --acquisitions (one)")
+    p.add_argument("--contrast", default="original", help="as scripts/evaluate.py --contrasts (one)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from evaluate import cache_head
 
     from deface import FACE, Defacer
-    from deface.evaluation import near_skin
+    from deface.evaluation import acquisition_variant, contrast_variant, near_skin
     from deface.preprocessing import resample, voxel_sizes
 
     d = Defacer()
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
     for name in args.subjects:
         data, labels, affine = cache_head(args.cache, name)
+        if args.acquisition != "original":
+            data, labels, affine = acquisition_variant(data, labels, affine, args.acquisition)
+        if args.contrast != "original":
+            data = contrast_variant(data, labels, args.contrast)
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         result = d.apply(volume, canon, d.predict([canon])[0], registration)
         regions, grid = result.regions, result.grid  # as Defacer.apply removed and protected

@@ -433,3 +433,37 @@ def test_registration_does_not_depend_on_the_brightest_tail():
     _, second = defacer.register(volume, brighter)
     assert first.status == second.status == "ok"
     np.testing.assert_array_equal(first.to_atlas, second.to_atlas)
+
+
+def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain():
+    """A network whose brain spills 8 mm past the real one (as on heads cut at the mouth) keeps the
+    face over it through its margin; with ``atlas_network_reach_mm`` that protection stops at that
+    distance from the registered atlas brain in front, more face goes, and no voxel within 4 mm of
+    the brain changes."""
+    from deface import BRAIN
+    from deface.anatomy import voxel_world
+    from deface.atlas import brain_on_grid
+    from deface.postprocessing import grow
+    from deface.preprocessing import Grid
+
+    img = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
+    results = []
+    for reach in (0.0, 7.0):
+        defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach)
+        volume, canon, registration = defacer.prepare(img)
+        brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
+        tissue = canon.image[0] > 0.1
+        spill = grow(brain, 8.0, 2.0) & tissue
+        world = world_points(canon.grid.shape, canon.grid.affine)
+        probs = torch.zeros((3, *tissue.shape))
+        probs[BRAIN] = spill.float()
+        probs[FACE] = (tissue & ~spill & torch.from_numpy(world[..., 1] > 0)).float()
+        probs[BACKGROUND] = 1 - probs[BRAIN] - probs[FACE]
+        results.append(defacer.apply(volume, canon, probs, registration))
+    free, capped = results
+    assert capped.mask.sum() > free.mask.sum() + 500
+    native = Grid(tuple(img.shape), img.affine)
+    near_brain = grow(brain_on_grid(defacer.atlas, registration.to_atlas, native, 0.5), 4.0, 2.0).numpy()  # 2 mm
+    assert not (capped.mask & near_brain).any() and capped.stats["brain_voxels_changed"] == 0
+    gained = voxel_world(img.shape, registration.to_atlas @ img.affine)[capped.mask & ~free.mask]
+    assert (gained[:, 1] >= defacer.post.atlas_front_y_mm - 3).all()  # only in front
