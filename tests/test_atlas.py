@@ -437,9 +437,9 @@ def test_registration_does_not_depend_on_the_brightest_tail():
 
 def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain():
     """A network whose brain spills 8 mm past the real one (as on heads cut at the mouth) keeps the
-    face over it through its margin; with ``atlas_network_reach_mm`` that protection stops at that
-    distance from the registered atlas brain in front, more face goes, and no voxel within 4 mm of
-    the brain changes."""
+    face over it through its margin (``atlas_network_reach_mm=0``); with a reach (here 7 mm, default
+    8) that protection stops at that distance from the registered atlas brain in front, more face
+    goes, and no voxel within 4 mm of the brain changes."""
     from deface import BRAIN
     from deface.anatomy import voxel_world
     from deface.atlas import brain_on_grid
