@@ -41,6 +41,28 @@ def test_outline_overlap_tells_a_shrunken_atlas_from_a_fitting_one():
     assert outline_overlap(atlas.head, atlas.head, shrunk) < same - 0.05
 
 
+@pytest.mark.parametrize("drop, gain, kept", [
+    (0.005, -0.02, "mi"),       # the outline barely moves: the intensity fit, whatever its MI
+    (0.02, 0.10, "mi"),         # a FLAIR: the outline loosens a little, the whole head fits far better
+    (0.013, 0.014, "outline"),  # loosens, fits hardly better: a T2 or PD scalp on CSF
+    (0.068, -0.005, "outline"),  # a shrunken template (stroke T2)
+    (0.15, 0.09, "outline"),    # far too loose, however well it seems to fit
+])
+def test_the_intensity_fit_is_kept_when_the_outline_holds_or_the_head_fits_far_better(monkeypatch, drop, gain, kept):
+    """register_head's accept rule on the two measures it weighs (the fits themselves stubbed)."""
+    import deface.atlas as atlas_module
+
+    fits = {"outline": np.diag([1.0, 1.0, 1.0, 1.0]), "mi": np.diag([1.1, 1.1, 1.1, 1.0])}
+    monkeypatch.setattr(atlas_module, "register_affine", lambda fixed, moving, metric, **kw: fits[metric])
+    which = {1.0: "outline", 1.1: "mi"}
+    overlap = {"outline": 0.99, "mi": 0.99 - drop}
+    mi = {"outline": -0.30, "mi": -0.30 - gain}
+    monkeypatch.setattr(atlas_module, "outline_overlap", lambda fixed, moving, t: overlap[which[round(t[0, 0], 1)]])
+    monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, t: mi[which[round(t[0, 0], 1)]])
+    transform, chosen = atlas_module.register_head(None, None)
+    assert chosen == kept and transform is fits[kept]
+
+
 def test_failed_registration_is_reported_not_raised():
     atlas = Atlas.load()
     reg = register_atlas(atlas, np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
