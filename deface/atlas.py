@@ -161,9 +161,9 @@ def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2),
 
     Mutual information alone can settle on a shrunken template whose bright scalp sits on the
     bright CSF of a T2 or PD image; the head outline cannot, but it knows nothing of the inside.
-    Such a failure loosens the outline fit a lot (a stroke T2: -0.068, an IXI T1: -0.150) and does
-    not fit the intensities better; a FLAIR's MI fit loosens it by 0.01-0.03 and fits the whole head
-    far better (MI 0.08-0.14 lower), with the atlas brain off the orbits: kept.
+    Such a failure loosens the outline fit a lot (a stroke T2: 0.07-0.11, an IXI T1: 0.15) and does
+    not fit the intensities better; the MI fit of FLAIRs and some IXI T1s loosens it by 0.01-0.03 and
+    fits the whole head far better (MI 0.10-0.23 lower), with the atlas brain off the orbits: kept.
     """
     outline = register_affine(fixed, moving, shrink=shrink, sampling=1.0, metric="outline", init=init)
     refined = register_affine(fixed, moving, shrink=shrink, sampling=1.0, metric="mi", init=outline)

@@ -54,11 +54,14 @@ def test_the_intensity_fit_is_kept_when_the_outline_holds_or_the_head_fits_far_b
 
     fits = {"outline": np.diag([1.0, 1.0, 1.0, 1.0]), "mi": np.diag([1.1, 1.1, 1.1, 1.0])}
     monkeypatch.setattr(atlas_module, "register_affine", lambda fixed, moving, metric, **kw: fits[metric])
-    which = {1.0: "outline", 1.1: "mi"}
     overlap = {"outline": 0.99, "mi": 0.99 - drop}
     mi = {"outline": -0.30, "mi": -0.30 - gain}
-    monkeypatch.setattr(atlas_module, "outline_overlap", lambda fixed, moving, t: overlap[which[round(t[0, 0], 1)]])
-    monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, t: mi[which[round(t[0, 0], 1)]])
+
+    def which(t: np.ndarray) -> str:
+        return "mi" if t is fits["mi"] else "outline"
+
+    monkeypatch.setattr(atlas_module, "outline_overlap", lambda fixed, moving, t: overlap[which(t)])
+    monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, t: mi[which(t)])
     transform, chosen = atlas_module.register_head(None, None)
     assert chosen == kept and transform is fits[kept]
 
