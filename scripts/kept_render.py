@@ -13,6 +13,11 @@ the tissue 3 mm under it, first reason first, with a picture per head:
 A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
 it (e.g. ``tilted``, ``crop_mouth``), in its original contrast. ``scripts/kept_face.py`` asks the
 same of the labelled face voxels instead of the rendered surface.
+
+The last columns say how much of the kept face could go at all without touching the brain: the
+share of face pixels kept whose tissue 3 mm under the surface lies more than 6 / 8 mm from both
+the labelled brain and the independent one (``<cache>/independent/NAME_deepbet.nii.gz``, as
+``scripts/evaluate.py --independent deepbet`` caches it; the labelled brain alone without it).
 """
 
 from __future__ import annotations
@@ -45,20 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from evaluate import cache_head
 
-    from deface import FACE, Defacer
+    from scipy import ndimage as ndi
+
+    from deface import BRAIN, FACE, Defacer
     from deface.attack import KEPT_MM
     from deface.evaluation import acquisition_variant, contrast_variant
     from deface.preprocessing import resample
     from deface.render import head_surface_volume, render_grid
 
     d = Defacer()
-    print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm")
+    print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm"
+          + " | kept > 6 mm from the brain | kept > 8 mm | median mm to the labelled / independent brain")
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
         data, labels, affine = cache_head(args.cache, name)
+        indep_path = args.cache / "independent" / f"{name}_deepbet.nii.gz"
+        brains = [labels == BRAIN]
+        if indep_path.exists():
+            brains.append(np.asarray(nib.load(str(indep_path)).dataobj) > 0)
         if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
+            brains = [b if kind == "brain_only" else acquisition_variant(b.astype(np.float32), labels, affine, kind)[0] >= 0.5
+                      for b in brains]
             data, labels, affine = acquisition_variant(data, labels, affine, kind)
-            data = contrast_variant(data, labels, "original")
+            brains[0] = labels == BRAIN
+        data = contrast_variant(data, labels, "original")  # rescaled as scripts/evaluate.py gives it
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
         result = d.apply(volume, canon, probs, registration)
@@ -82,18 +97,28 @@ def main(argv: list[str] | None = None) -> int:
         on_face = (y_o >= 0) & (face.numpy()[x_i, np.clip(y_o, 0, None), z_i] > 0.5)
         kept = on_face & (y_d >= 0) & (np.abs(y_o - y_d) <= KEPT_MM)  # the render grid is 1 mm
         to_canon = np.linalg.inv(canon_grid.affine) @ grid.affine
+        to_image = np.linalg.inv(affine) @ grid.affine
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        distances = [ndi.distance_transform_edt(~b, sampling=spacing) for b in brains]
         counts = np.zeros(len(REASONS))
+        near = []  # per kept pixel: mm from its tissue to each brain
         picture = np.zeros((*y_o.shape[::-1], 3), np.uint8)
         picture[on_face.T] = 60
         for x, z in zip(*np.nonzero(kept)):
-            point = to_canon @ np.array([x, y_o[x, z] - DEPTH_MM, z, 1.0])
-            i = tuple(np.clip(np.round(point[:3]).astype(int), 0, np.array(shape) - 1))
+            under = np.array([x, y_o[x, z] - DEPTH_MM, z, 1.0])
+            i = tuple(np.clip(np.round((to_canon @ under)[:3]).astype(int), 0, np.array(shape) - 1))
             reason = next((k for k, m in enumerate(masks_by_reason) if m[i]), len(REASONS) - 1)
             counts[reason] += 1
             picture[z, x] = COLOURS[reason]
+            j = tuple(np.clip(np.round((to_image @ under)[:3]).astype(int), 0, np.array(data.shape) - 1))
+            near.append([dist[j] for dist in distances])
         n = max(int(on_face.sum()), 1)
+        near = np.array(near).reshape(-1, len(distances))
+        closest = near.min(1)
+        medians = " / ".join(f"{np.median(near[:, k]):.1f}" if len(near) else "-" for k in range(len(distances)))
         print(f"{subject} | {int(on_face.sum())} | {kept.sum() / n:.3f} | " + " | ".join(f"{c / n:.3f}" for c in counts)
-              + f" | {result.stats['atlas_registration']} | {result.stats['atlas_margin_front_mm']}", flush=True)
+              + f" | {result.stats['atlas_registration']} | {result.stats['atlas_margin_front_mm']}"
+              + f" | {(closest > 6).sum() / n:.3f} | {(closest > 8).sum() / n:.3f} | {medians}", flush=True)
         if args.png_dir is not None:
             from PIL import Image
 
