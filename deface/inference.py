@@ -429,11 +429,11 @@ class Defacer:
 
         mni = atlas_points(to_atlas, canon.grid)
         if guarded:
-            regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, mni)
+            front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)  # over the eyes and brows
+            regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, front)
             regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,
                                                                self.post.atlas_face_bottom_margin_mm))
             if self.post.atlas_network_reach_mm > 0:
-                front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
                 beyond = regions.allowed & front & ~grow(guard, self.post.atlas_network_reach_mm, self.spacing)
                 regions.network = replace(masks, protect=masks.protect & ~beyond)
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
@@ -458,12 +458,11 @@ class Defacer:
             probs = self.predict([turned])[0]
         return turned, probs, registration
 
-    def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, mni: np.ndarray
+    def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor
                          ) -> tuple[torch.Tensor, float]:
         """(the region the registered atlas brain protects, the margin used in front): the atlas brain
-        grown by ``atlas_margin_mm``, by ``atlas_front_margin`` where it lies in front of MNI y =
-        ``atlas_front_y_mm`` (``mni``: the atlas coordinates of every voxel, ``atlas_points``)."""
-        front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)
+        grown by ``atlas_margin_mm``, by ``atlas_front_margin`` where it lies in ``front`` (the voxels
+        in front of MNI y = ``atlas_front_y_mm``, through ``atlas_points``)."""
         front_mm = self.atlas_front_margin(atlas_brain & front, network_protected)
         if front_mm == self.post.atlas_margin_mm:
             return grow(atlas_brain, front_mm, self.spacing), front_mm

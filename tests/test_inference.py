@@ -519,15 +519,15 @@ def test_atlas_margin_widens_where_the_network_missed_the_front_of_the_atlas_bra
     d = defacer
     atlas = torch.zeros(30, 30, 30, dtype=torch.bool)
     atlas[8:22, 8:22, 8:22] = True
-    mni = np.zeros((30, 30, 30, 3))
-    mni[..., 1] = (np.arange(30)[None, :, None] - 16) * d.spacing + d.post.atlas_front_y_mm  # y >= 16: front
+    front = torch.zeros(30, 30, 30, dtype=torch.bool)
+    front[:, 16:, :] = True  # in front of MNI y = atlas_front_y_mm
     agreeing = grow(atlas, d.post.brain_margin_mm, d.spacing)
     missing_front, missing_back = agreeing.clone(), agreeing.clone()
     missing_front[:, 18:, :] = False  # the network's brain stops short of the front of the atlas brain
     missing_back[:, :14, :] = False  # ... or of its back (a third of it)
-    assert d.atlas_protection(atlas, agreeing, mni)[1] == d.post.atlas_margin_front_mm
-    assert d.atlas_protection(atlas, missing_front, mni)[1] == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
-    assert d.atlas_protection(atlas, missing_back, mni)[1] == d.post.atlas_margin_front_mm
+    assert d.atlas_protection(atlas, agreeing, front)[1] == d.post.atlas_margin_front_mm
+    assert d.atlas_protection(atlas, missing_front, front)[1] == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
+    assert d.atlas_protection(atlas, missing_back, front)[1] == d.post.atlas_margin_front_mm
     assert d.atlas_front_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_front_mm  # no atlas brain
 
 
