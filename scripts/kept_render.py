@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                       for b in brains]
             data, labels, affine = acquisition_variant(data, labels, affine, kind)
             brains[0] = labels == BRAIN
-        data = contrast_variant(data, labels, "original")  # rescaled as scripts/evaluate.py gives it
+            data = contrast_variant(data, labels, "original")
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
         result = d.apply(volume, canon, probs, registration)
