@@ -2,13 +2,14 @@
 
     python scripts/benchmark.py [--threads 2] [--repeats 3] [--weights DIR]
     python scripts/benchmark.py --synthesis 20 [--cache data_cache]   # seconds per training sample
-    python scripts/benchmark.py --versus-niimath [--runs 4] [--batch 20]   # whole processes beside the peer
+    python scripts/benchmark.py --versus-niimath [--runs 4] [--batch 20] [--input HEAD]   # whole processes beside the peer
 
 --versus-niimath (needs `pip install niimath pydeface`, for the benchmark only: pydeface ships the
 template and face mask that `niimath FILE -deface TEMPLATE MASK OUT` uses) times, on one 1 mm
 256x256x176 sagittal head and in the same process tree, alternating: a cold `deface-infer FILE`
 process (wall clock, start to exit, peak RSS), the same for niimath, and the steady-state seconds
-per head of a --batch-file deface-infer run; then the stages inside one process.
+per head of a --batch-file deface-infer run; then the stages inside one process. ``--input`` times
+a head of your own instead (e.g. a FLAIR: its registration takes several times a T1's).
 Targets on 2 cores: a cold process <= 3 s, <= 1.5 s a head in a batch, >= 3x faster than niimath
 in the same run, <= 2 GB RSS.
 
@@ -104,7 +105,7 @@ def timed(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def versus_niimath(runs: int, batch: int) -> None:
+def versus_niimath(runs: int, batch: int, source: Path | None = None) -> None:
     import shutil
     import subprocess
     import sys
@@ -121,8 +122,15 @@ def versus_niimath(runs: int, batch: int) -> None:
     deface = [sys.executable, "-m", "deface.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        head = make_sagittal_head(tmp)
-        print(f"input: {head.name} (int16); {runs} alternating runs of each whole process")
+        if source is None:
+            head = make_sagittal_head(tmp)
+        else:
+            head = tmp / source.name
+            shutil.copy(source, head)
+        ext = ".nii.gz" if head.name.endswith(".nii.gz") else ".nii"
+        img = nib.load(str(head))
+        print(f"input: {head.name} ({img.get_data_dtype()}, {'x'.join(map(str, img.shape))}); "
+              f"{runs} alternating runs of each whole process")
         cold, peer = [], []
         for i in range(runs):
             cold.append(timed([*deface, str(head), "-o", str(tmp / "d"), "--force", "-q", "--device", "cpu"]))
@@ -130,7 +138,7 @@ def versus_niimath(runs: int, batch: int) -> None:
         folder = tmp / "batch"
         folder.mkdir()
         for i in range(batch):
-            shutil.copy(head, folder / f"sub-{i:02d}_T1w.nii.gz")
+            shutil.copy(head, folder / f"sub-{i:02d}_T1w{ext}")
         many = timed([*deface, str(folder), "-o", str(tmp / "b"), "-q", "--device", "cpu"])
         one = float(np.median([c[0] for c in cold]))
         nii = float(np.median([p[0] for p in peer]))
@@ -177,6 +185,8 @@ def main() -> None:
     p.add_argument("--versus-niimath", action="store_true", help="whole processes beside niimath -deface")
     p.add_argument("--runs", type=int, default=4, help="--versus-niimath: alternating runs of each")
     p.add_argument("--batch", type=int, default=20, help="--versus-niimath: files in the batch run")
+    p.add_argument("--input", type=Path, default=None,
+                   help="--versus-niimath: this NIfTI head instead of the 1 mm 256x256x176 example T1")
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache for --synthesis")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -186,7 +196,7 @@ def main() -> None:
 
     print(f"code: {Path(deface.__file__).parent}")
     if args.versus_niimath:
-        versus_niimath(args.runs, args.batch)
+        versus_niimath(args.runs, args.batch, args.input)
         return
     if args.synthesis:
         bench_synthesis(args.cache, args.synthesis)
