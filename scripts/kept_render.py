@@ -65,15 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         name, _, kind = subject.partition(":")
         data, labels, affine = cache_head(args.cache, name)
         indep_path = args.cache / "independent" / f"{name}_deepbet.nii.gz"
-        brains = [labels == BRAIN]
-        if indep_path.exists():
-            brains.append(np.asarray(nib.load(str(indep_path)).dataobj) > 0)
+        indep = np.asarray(nib.load(str(indep_path)).dataobj) > 0 if indep_path.exists() else None
         if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
-            brains = [b if kind == "brain_only" else acquisition_variant(b.astype(np.float32), labels, affine, kind)[0] >= 0.5
-                      for b in brains]
+            if indep is not None and kind != "brain_only":  # the mask goes through the image's geometry
+                indep = acquisition_variant(indep.astype(np.float32), labels, affine, kind)[0] >= 0.5
             data, labels, affine = acquisition_variant(data, labels, affine, kind)
-            brains[0] = labels == BRAIN
             data = contrast_variant(data, labels, "original")
+        brains = [labels == BRAIN] + ([indep] if indep is not None else [])
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
         result = d.apply(volume, canon, probs, registration)
