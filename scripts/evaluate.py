@@ -56,6 +56,14 @@ def independent_mask(cache: Path, name: str, data: np.ndarray, affine: np.ndarra
     return union
 
 
+def independent_variant(indep: np.ndarray, labels: np.ndarray, affine: np.ndarray, acq: str) -> np.ndarray:
+    """An independent brain mask of a cached head through the same geometry as the image of
+    acquisition ``acq`` (the crops follow the labels); a skull-stripped variant keeps it whole."""
+    from deface.evaluation import acquisition_variant
+
+    return indep if acq == "brain_only" else acquisition_variant(indep.astype(np.float32), labels, affine, acq)[0] >= 0.5
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """One row per dict, the first row's keys as the header."""
     with path.open("w", newline="") as f:
@@ -123,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         indep = independent_mask(args.cache, name, data, affine, args.independent) if args.independent else None
         for acq in acquisitions:
             acq_data, acq_labels, acq_affine = acquisition_variant(data, labels, affine, acq)
-            acq_indep = None
-            if indep is not None:  # the mask goes through the same geometry as the image (the crops follow the labels)
-                acq_indep = indep if acq == "brain_only" else (
-                    acquisition_variant(indep.astype(np.float32), labels, affine, acq)[0] >= 0.5)
+            acq_indep = None if indep is None else independent_variant(indep, labels, affine, acq)
             for kind in args.contrasts:
                 image = nib.Nifti1Image(contrast_variant(acq_data, acq_labels, kind), acq_affine)
                 tag = f"{name}:{kind}" if acq == "original" else f"{name}:{acq}:{kind}"

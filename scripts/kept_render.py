@@ -16,8 +16,8 @@ same of the labelled face voxels instead of the rendered surface.
 
 The last columns say how much of the kept face could go at all without touching the brain: the
 share of face pixels kept whose tissue 3 mm under the surface lies more than 6 / 8 mm from both
-the labelled brain and the independent one (``<cache>/independent/NAME_deepbet.nii.gz``, as
-``scripts/evaluate.py --independent deepbet`` caches it; the labelled brain alone without it).
+the labelled brain and deepbet's (``scripts/evaluate.py --independent deepbet`` caches it;
+computed here when missing).
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png-dir", type=Path, default=None, help="write one picture per subject here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head
+    from evaluate import cache_head, independent_mask, independent_variant
 
     from scipy import ndimage as ndi
 
     from deface import BRAIN, FACE, Defacer
     from deface.attack import KEPT_MM
     from deface.evaluation import acquisition_variant, contrast_variant
-    from deface.preprocessing import resample
+    from deface.preprocessing import resample, voxel_sizes
     from deface.render import head_surface_volume, render_grid
 
     d = Defacer()
@@ -64,14 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
         data, labels, affine = cache_head(args.cache, name)
-        indep_path = args.cache / "independent" / f"{name}_deepbet.nii.gz"
-        indep = np.asarray(nib.load(str(indep_path)).dataobj) > 0 if indep_path.exists() else None
+        indep = independent_mask(args.cache, name, data, affine, ["deepbet"])
         if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
-            if indep is not None and kind != "brain_only":  # the mask goes through the image's geometry
-                indep = acquisition_variant(indep.astype(np.float32), labels, affine, kind)[0] >= 0.5
+            indep = independent_variant(indep, labels, affine, kind)
             data, labels, affine = acquisition_variant(data, labels, affine, kind)
             data = contrast_variant(data, labels, "original")
-        brains = [labels == BRAIN] + ([indep] if indep is not None else [])
+        brains = [labels == BRAIN, indep]
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
         result = d.apply(volume, canon, probs, registration)
@@ -96,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = on_face & (y_d >= 0) & (np.abs(y_o - y_d) <= KEPT_MM)  # the render grid is 1 mm
         to_canon = np.linalg.inv(canon_grid.affine) @ grid.affine
         to_image = np.linalg.inv(affine) @ grid.affine
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        distances = [ndi.distance_transform_edt(~b, sampling=spacing) for b in brains]
+        distances = [ndi.distance_transform_edt(~b, sampling=voxel_sizes(affine)) for b in brains]
         counts = np.zeros(len(REASONS))
         near = []  # per kept pixel: mm from its tissue to each brain
         picture = np.zeros((*y_o.shape[::-1], 3), np.uint8)
@@ -111,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             j = tuple(np.clip(np.round((to_image @ under)[:3]).astype(int), 0, np.array(data.shape) - 1))
             near.append([dist[j] for dist in distances])
         n = max(int(on_face.sum()), 1)
-        near = np.array(near).reshape(-1, len(distances))
+        near = np.array(near).reshape(-1, 2)
         closest = near.min(1)
-        medians = " / ".join(f"{np.median(near[:, k]):.1f}" if len(near) else "-" for k in range(len(distances)))
+        medians = " / ".join(f"{np.median(near[:, k]):.1f}" if len(near) else "-" for k in range(2))
         print(f"{subject} | {int(on_face.sum())} | {kept.sum() / n:.3f} | " + " | ".join(f"{c / n:.3f}" for c in counts)
               + f" | {result.stats['atlas_registration']} | {result.stats['atlas_margin_front_mm']}"
               + f" | {(closest > 6).sum() / n:.3f} | {(closest > 8).sum() / n:.3f} | {medians}", flush=True)
