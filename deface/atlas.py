@@ -7,8 +7,7 @@ T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
 head's outline (mean squares of the filled head masks, blind to contrast), then refined on
 intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit;
 a last refinement looks only at the intensities around the atlas brain (``refine_on_brain``).
-A result that fits poorly is tried again from pitched starts (``register_pose``). The
-registration starts from a coarse search over rotations of the head outline (``head_pose``),
+A result that fits poorly (whole-head MI above ``GOOD_FIT_MI``) is registered again from a coarse search over rotations of the head outline (``head_pose``),
 so a head tilted beyond the optimiser's reach is found too; the wrapper turns a head that is far
 from upright onto a rotated grid (``preprocessing.canonical_grid(rotation=...)``) before the
 network sees it, and registers on that grid.
@@ -19,7 +18,6 @@ registers its template with the same ``register_head``.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,16 +38,9 @@ OUTLINE_TOLERANCE = 0.01
 OUTLINE_TOLERANCE_WIDE = 0.03
 MI_GAIN = 0.05
 RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # world RAS <-> SimpleITK's LPS (its own inverse)
-RETRY_MI = -0.35  # see register_pose: upright T1 heads reach about -0.45, the misregistered ones -0.2
-# Pitched starts for a poor fit, in rings, nearest first (the optimiser stays near its start).
-# The nearer ring only for a fit close to good (whole-head MI below ``RETRY_NEAR_MI``): a head a
-# few degrees off. IXI 484 T1 (upright MI -0.28, atlas brain 24 mm into the orbits) fits from 10
-# degrees either way (MI -0.378, 8 mm) and from neither 20-degree start. Poorer fits are heads far
-# off (tilted versions: -0.13 to -0.18), where the nearer ring changed nothing in 13 tilted heads
-# but doubled their time, and FLAIRs that fit badly from every start (NiChart s21: the 10-degree
-# fit's MI was better, its atlas brain further into the face).
-RETRY_PITCH_DEG = ((-10.0, 10.0), (-20.0, 20.0))
-RETRY_NEAR_MI = -0.25
+# A fit with whole-head MI above this may be off (upright T1 heads as scanned reach about -0.45,
+# misregistered ones -0.2; FLAIRs reach only -0.23 to -0.32 when right): the wrapper then searches the pose.
+GOOD_FIT_MI = -0.35
 
 
 @dataclass
@@ -226,19 +217,6 @@ def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     return float(reg.MetricEvaluate(_to_sitk(fixed.image, fixed.affine), _to_sitk(moving.image, moving.affine)))
 
 
-def pitched_start(fixed: Head, moving: Head, pitch_deg: float) -> np.ndarray:
-    """A fixed -> moving start: the tops' centroids aligned, the head pitched by ``pitch_deg``."""
-    def centroid(head: Head) -> np.ndarray:
-        return head.affine[:3, :3] @ np.argwhere(head.top).mean(0) + head.affine[:3, 3]
-
-    rot = euler(pitch_deg, 0.0, 0.0)
-    cf, cm = centroid(fixed), centroid(moving)
-    start = np.eye(4)
-    start[:3, :3] = rot
-    start[:3, 3] = cm - rot @ cf
-    return start
-
-
 SEARCH_SPACING_MM = 4.0  # rotation_search compares the head outlines on grids this coarse
 SEARCH_STEPS_DEG = ((range(-45, 46, 15), range(-30, 31, 15), range(-30, 31, 15)), (range(-10, 11, 5),) * 3)
 # ... and sizes (head -> atlas scale) in its coarse stage: a small head (IXI 296, registered at
@@ -337,32 +315,12 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
 def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), start: np.ndarray | None = None
                   ) -> tuple[np.ndarray, float]:
     """``register_head`` from ``start`` (fixed -> atlas world, e.g. ``rotation_search``'s; default:
-    upright, the centroids aligned) then ``refine_on_brain``; when the result fits the intensities poorly
-    (whole-head MI above ``RETRY_MI``), again from the starts pitched by each ring of
-    ``RETRY_PITCH_DEG`` in turn until one fits (the nearer ring only when the first fit is close,
-    below ``RETRY_NEAR_MI``), keeping the plausible result with the best MI. The
-    optimiser stays near its start: a head tilted 15 degrees was sometimes registered upright, and
-    the misplaced atlas brain then kept half of the face."""
-    prior = (atlas.brain, atlas.affine)
-
-    def from_start(init: np.ndarray | None) -> np.ndarray:
-        to_atlas, _ = register_head(fixed, atlas.head, shrink, init)
-        return refine_on_brain(fixed, atlas.head, to_atlas, prior, (4, 2, 1))
-
-    best = from_start(start)
-    best_mi = head_mi(fixed, atlas.head, best)
-    rings = RETRY_PITCH_DEG if best_mi < RETRY_NEAR_MI else RETRY_PITCH_DEG[1:]
-    for ring in rings:
-        if best_mi <= RETRY_MI:
-            break
-        # independent of each other: run side by side (SimpleITK releases the GIL), compared in order
-        with ThreadPoolExecutor(len(ring)) as pool:
-            candidates = list(pool.map(lambda pitch: from_start(pitched_start(fixed, atlas.head, pitch)), ring))
-        for candidate in candidates:
-            mi = head_mi(fixed, atlas.head, candidate)
-            if plausible(candidate) and mi < best_mi:
-                best, best_mi = candidate, mi
-    return best, best_mi
+    upright, the centroids aligned) then ``refine_on_brain``: (the transform, its whole-head MI).
+    The optimiser stays near its start, so a start far off (a head tilted 15 degrees registered
+    upright) needs the pose search (``head_pose``), which the wrapper runs for a poor fit."""
+    to_atlas, _ = register_head(fixed, atlas.head, shrink, start)
+    to_atlas = refine_on_brain(fixed, atlas.head, to_atlas, (atlas.brain, atlas.affine), (4, 2, 1))
+    return to_atlas, head_mi(fixed, atlas.head, to_atlas)
 
 
 def brain_on_grid(atlas: Atlas, to_atlas: np.ndarray, grid: Grid, threshold: float) -> torch.Tensor:

@@ -306,7 +306,7 @@ class Defacer:
         """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
         upright when the head is far tilted, or ``canon`` itself; the registration, its
         ``seconds`` counting the pose search and retries too)."""
-        from deface.atlas import (RETRY_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
+        from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   rotation_deg)
 
         t0 = time.perf_counter()
@@ -315,7 +315,7 @@ class Defacer:
         reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
-        if not (upright and reg_mi < RETRY_MI):
+        if not (upright and reg_mi < GOOD_FIT_MI):
             # Not a well-fitting upright registration (every T1 head as scanned was one; the tilted
             # versions fit at MI -0.11 to -0.25): search the pose. A head the search finds tilted is
             # registered from the search's pose too, on a grid turned by it, so the registration's

@@ -89,13 +89,13 @@ def make_sagittal_head(folder: Path) -> Path:
     return path
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """(wall seconds from start to exit, peak RSS in MB) of one whole process."""
+def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds from start to exit, peak RSS in MB) of one whole process, run in ``cwd``."""
     import os
     import subprocess
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -133,13 +133,15 @@ def versus_niimath(runs: int, batch: int, source: Path | None = None) -> None:
               f"{runs} alternating runs of each whole process")
         cold, peer = [], []
         for i in range(runs):
-            cold.append(timed([*deface, str(head), "-o", str(tmp / "d"), "--force", "-q", "--device", "cpu"]))
+            # run in tmp: ``python -m`` puts the working folder first on sys.path, so a checkout's own
+            # deface/ would win over PYTHONPATH and the code this script imported (its "code:" line)
+            cold.append(timed([*deface, str(head), "-o", str(tmp / "d"), "--force", "-q", "--device", "cpu"], tmp))
             peer.append(timed([niimath, str(head), "-deface", str(template), str(facemask), str(tmp / f"n{i}.nii.gz")]))
         folder = tmp / "batch"
         folder.mkdir()
         for i in range(batch):
             shutil.copy(head, folder / f"sub-{i:02d}_T1w{ext}")
-        many = timed([*deface, str(folder), "-o", str(tmp / "b"), "-q", "--device", "cpu"])
+        many = timed([*deface, str(folder), "-o", str(tmp / "b"), "-q", "--device", "cpu"], tmp)
         one = float(np.median([c[0] for c in cold]))
         nii = float(np.median([p[0] for p in peer]))
         per_head = (many[0] - one) / (batch - 1)
