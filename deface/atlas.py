@@ -7,10 +7,10 @@ T1-like head and brain of the 20 BrainWeb models (``deface/assets``, built by
 head's outline (mean squares of the filled head masks, blind to contrast), then refined on
 intensities (Mattes mutual information); the refinement is kept unless it spoils the outline fit;
 a last refinement looks only at the intensities around the atlas brain (``refine_on_brain``).
-A result that fits poorly (whole-head MI above ``GOOD_FIT_MI``) is registered again from a coarse search over rotations of the head outline (``head_pose``),
-so a head tilted beyond the optimiser's reach is found too; the wrapper turns a head that is far
-from upright onto a rotated grid (``preprocessing.canonical_grid(rotation=...)``) before the
-network sees it, and registers on that grid.
+The wrapper registers a result that fits poorly (whole-head MI above ``GOOD_FIT_MI``) again from
+a coarse search over rotations of the head outline (``head_pose``), so a head tilted beyond the
+optimiser's reach is found too, and turns a head that is far from upright onto a rotated grid
+(``preprocessing.canonical_grid(rotation=...)``) before the network sees it, registered on that grid.
 Its brain probability, thresholded, is protected like the network's brain. The labeller
 registers its template with the same ``register_head``.
 """

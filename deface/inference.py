@@ -305,7 +305,7 @@ class Defacer:
     def register(self, volume: io.Volume, canon: CanonicalInput) -> tuple[CanonicalInput, Registration]:
         """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
         upright when the head is far tilted, or ``canon`` itself; the registration, its
-        ``seconds`` counting the pose search and retries too)."""
+        ``seconds`` counting the pose search too)."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   rotation_deg)
 
