@@ -316,8 +316,8 @@ class Defacer:
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
         if not (upright and reg_mi < GOOD_FIT_MI):
-            # Not a well-fitting upright registration (every T1 head as scanned was one; the tilted
-            # versions fit at MI -0.11 to -0.25): search the pose. A head the search finds tilted is
+            # Not a well-fitting upright registration (FLAIRs, IXI 212 and the s21 T1 as scanned, the
+            # tilted versions at MI -0.09 to -0.26): search the pose. A head the search finds tilted is
             # registered from the search's pose too, on a grid turned by it, so the registration's
             # metric region (the top of the head) is this head's top (niivue tilted on the
             # axis-aligned grid: 27 mm off, face recall 0.456 instead of 0.782). The better fit to the

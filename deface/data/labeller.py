@@ -88,7 +88,7 @@ def label_scan(data: np.ndarray, affine: np.ndarray, root: Path, brain: np.ndarr
     wrapper's shipped BrainWeb atlas; fits heads where the MNI152 registration does not, e.g.
     the IXI scans, whose MNI152 brain label reached into the orbits).
     ``second_opinion`` (brainweb only): the scan is also registered as the wrapper registers it
-    (``Defacer.prepare``: pose search, pitched retries) and the transform whose intensities fit the
+    (``Defacer.prepare``: pose search) and the transform whose intensities fit the
     atlas better is kept (IXI 212's labelling registration put its brain into the orbits and its
     face label on the neck; the wrapper's fit deepbet's brain at Dice 0.95).
     """
