@@ -141,6 +141,24 @@ def normalize_intensity(image: torch.Tensor, inside: torch.Tensor | None = None,
     return out
 
 
+OFFSET_SHARE = 0.05  # a darkest level further from 0 than this share of the intensity range is an offset
+
+
+def without_offset(data: torch.Tensor) -> torch.Tensor:
+    """``data`` with its darkest level (0.5th percentile) moved to 0 when that level lies clearly
+    off 0 (air stored at 5000, or at -0.5 in a z-scored image); unchanged otherwise (air at 0, as in
+    every scanner image here). Resampling pads outside the field of view with zeros, and the
+    voxels at its edge mix them in: above air's level they became the normaliser's low percentile
+    (a head stored with 5000 added came out "no face found", nothing removed)."""
+    values = data.reshape(-1)
+    if values.numel() > 1_000_000:
+        values = values[:: values.numel() // 1_000_000 + 1]
+    lo, hi = (float(v) for v in np.percentile(values.numpy(), [0.5, 99.5]))
+    if abs(lo) > OFFSET_SHARE * max(hi - lo, 1e-6):
+        return data - lo
+    return data
+
+
 @dataclass(frozen=True)
 class CanonicalInput:
     """The network input on the canonical grid and what is needed to map results back."""
@@ -155,7 +173,7 @@ def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, m
     """Bring a 3D native volume (float, scaled values) to the canonical network input
     (``rotation``: see ``canonical_grid``)."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    data = without_offset(torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0))
     grid = canonical_grid(Grid(tuple(volume.shape[:3]), np.asarray(affine, float)), spacing, multiple, max_size,
                           rotation)
     pooled, pooled_affine = antialias(data, np.asarray(affine, float), spacing)

@@ -11,7 +11,8 @@ the tissue 3 mm under it, first reason first, with a picture per head:
 - other: wanted and allowed, yet not removed (e.g. a component the face rules dropped, or only a
   thin layer removed above tissue that is not).
 A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
-it (e.g. ``tilted``, ``crop_mouth``), in its original contrast. ``scripts/kept_face.py`` asks the
+it (e.g. ``tilted``, ``crop_mouth``, ``original``), in its original contrast; ``NAME:KIND:CONTRAST``
+also in ``deface.evaluation.contrast_variant``'s CONTRAST (e.g. ``real_ixi162_t1:original:flairlike``). ``scripts/kept_face.py`` asks the
 same of the labelled face voxels instead of the rendered surface.
 
 The last columns say how much of the kept face could go at all without touching the brain: the
@@ -62,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm"
           + " | kept > 6 mm from the brain | kept > 8 mm | median mm to the labelled / independent brain")
     for subject in args.subjects:
-        name, _, kind = subject.partition(":")
+        name, _, rest = subject.partition(":")
+        kind, _, contrast = rest.partition(":")
         data, labels, affine = cache_head(args.cache, name)
         indep = independent_mask(args.cache, name, data, affine, ["deepbet"])
         if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
             indep = independent_variant(indep, labels, affine, kind)
             data, labels, affine = acquisition_variant(data, labels, affine, kind)
-            data = contrast_variant(data, labels, "original")
+            data = contrast_variant(data, labels, contrast or "original")
         brains = [labels == BRAIN, indep]
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]

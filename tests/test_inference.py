@@ -85,6 +85,24 @@ def test_oblique_affine_mask_agrees_in_world(defacer):
         assert not result.mask[truth == BRAIN].any()
 
 
+def test_a_constant_added_to_the_image_changes_nothing(defacer):
+    """Air stored at 5000 (an offset) or at -0.5 (z-scored) is still air: the network input and the
+    mask are those of the plain image (the zeros padded outside the field of view once became the
+    normaliser's dark end, and an offset head came out "no face found")."""
+    from deface.preprocessing import to_canonical
+
+    img = make_phantom(angle_deg=20.0, dtype=np.float32)
+    data = np.asarray(img.dataobj, np.float32)
+    plain = to_canonical(data, img.affine)
+    assert not plain.inside.all()  # the grid reaches past the field of view: the edge band exists
+    masks = [deface_with_oracle(defacer, img).mask]
+    for shifted in (data + 5000.0, (data - data.mean()) / data.std()):
+        canon = to_canonical(shifted, img.affine)
+        assert torch.allclose(canon.image, plain.image, atol=1e-4)
+        masks.append(deface_with_oracle(defacer, nib.Nifti1Image(shifted, img.affine)).mask)
+    assert masks[0].any() and all(np.array_equal(m, masks[0]) for m in masks[1:])
+
+
 def test_4d_mask_applied_to_every_volume(defacer):
     img3 = make_phantom()
     data = np.stack([np.asanyarray(img3.dataobj)] * 3, -1)
