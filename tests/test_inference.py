@@ -103,6 +103,26 @@ def test_a_constant_added_to_the_image_changes_nothing(defacer):
     assert masks[0].any() and all(np.array_equal(m, masks[0]) for m in masks[1:])
 
 
+def test_salt_and_pepper_air_is_quieted_and_the_brain_kept(defacer):
+    """Air of noise over the whole intensity range (an MP2RAGE UNI image) becomes 0 in the network
+    input, the head does not; an image with ordinary air is not touched at all."""
+    from deface.preprocessing import quiet_background
+
+    img = make_phantom(dtype=np.float32)
+    data = np.asarray(img.dataobj, np.float32)
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    assert quiet_background(data) is data
+    air = data == 0
+    rng = np.random.default_rng(0)
+    noisy = np.where(air, rng.choice([0.1, 0.9], size=data.shape) * rng.uniform(0, 1, data.shape) * 700, data)
+    quiet = quiet_background(noisy.astype(np.float32))
+    assert (quiet[air] == 0).mean() > 0.95
+    assert np.array_equal(quiet[truth == BRAIN], data[truth == BRAIN])
+    plain, result = deface_with_oracle(defacer, img).mask, deface_with_oracle(defacer, nib.Nifti1Image(noisy, img.affine)).mask
+    assert not result[truth == BRAIN].any()
+    assert result[truth == FACE].mean() >= plain[truth == FACE].mean() - 0.05
+
+
 def test_4d_mask_applied_to_every_volume(defacer):
     img3 = make_phantom()
     data = np.stack([np.asanyarray(img3.dataobj)] * 3, -1)
