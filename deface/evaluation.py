@@ -28,7 +28,7 @@ from deface import BRAIN, FACE
 from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
-CONTRASTS = ("original", "t2like", "pdlike", "flairlike")
+CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike")
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", "tilted",
                 "crop_chin", "crop_mouth", "crop_nose", "brain_only")
 SURFACE_MM = 10.0
@@ -58,12 +58,20 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     Intensities are rescaled to [0, 1] by the 99.5th percentile; inside the head (labels > 0 or
     signal above 10 %): ``t2like`` inverts them (CSF and fluid bright, white matter dark),
     ``pdlike`` flattens them (gamma 0.35), ``flairlike`` inverts and then darkens the brightest
-    (fluid) tail. Air stays dark.
+    (fluid) tail. Air stays dark, except in ``unilike``: the T1 as it is, its air outside the filled
+    head outline made salt-and-pepper noise over the whole range, as in an MP2RAGE UNI image
+    (seeded: the same image every run).
     """
     x = image.astype(np.float32)
     x = np.clip(x / max(float(np.percentile(x, 99.5)), 1e-6), 0, 1)
     if kind == "original":
         return x
+    if kind == "unilike":
+        from deface.atlas import head_silhouette
+
+        rng = np.random.default_rng(0)
+        noise = np.where(rng.random(x.shape) < 0.5, rng.uniform(0.0, 0.3, x.shape), rng.uniform(0.6, 1.0, x.shape))
+        return np.where(head_silhouette(x) | (labels > 0), x, noise).astype(np.float32)
     head = (labels > 0) | (x > 0.1)
     if kind == "t2like":
         y = 1.0 - x
