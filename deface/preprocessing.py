@@ -141,6 +141,7 @@ def normalize_intensity(image: torch.Tensor, inside: torch.Tensor | None = None,
     return out
 
 
+SAMPLE_VOXELS = 250_000  # every n-th voxel, about this many, for the percentiles that only decide a step
 OFFSET_SHARE = 0.05  # a darkest level further from 0 than this share of the intensity range is an offset
 
 
@@ -150,9 +151,7 @@ def without_offset(data: torch.Tensor) -> torch.Tensor:
     every scanner image here). Resampling pads outside the field of view with zeros, and the
     voxels at its edge mix them in: above air's level they became the normaliser's low percentile
     (a head stored with 5000 added came out "no face found", nothing removed)."""
-    values = data.reshape(-1)
-    if values.numel() > 1_000_000:
-        values = values[:: values.numel() // 1_000_000 + 1]
+    values = data.reshape(-1)[:: max(1, data.numel() // SAMPLE_VOXELS)]
     lo, hi = (float(v) for v in np.percentile(values.numpy(), [0.5, 99.5]))
     if abs(lo) > OFFSET_SHARE * max(hi - lo, 1e-6):
         return data - lo
@@ -174,7 +173,7 @@ def quiet_background(data: np.ndarray) -> np.ndarray:
     was implausible and 6,600 voxels of deepbet's brain were removed (a simulated UNI IXI 052)."""
     from scipy import ndimage as ndi
 
-    values = data.reshape(-1)[:: max(1, data.size // 1_000_000)]
+    values = data.reshape(-1)[:: max(1, data.size // SAMPLE_VOXELS)]
     hi = float(np.percentile(values, 99.5)) if values.size else 0.0
     if not np.isfinite(hi) or hi <= 0 or min(data.shape) < 8:
         return data
@@ -209,8 +208,9 @@ def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, m
                  max_size: int = 256, rotation: np.ndarray | None = None) -> CanonicalInput:
     """Bring a 3D native volume (float, scaled values) to the canonical network input
     (``rotation``: see ``canonical_grid``)."""
-    data = np.nan_to_num(np.asarray(volume, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    data = without_offset(torch.from_numpy(np.ascontiguousarray(quiet_background(data)))[None])
+    data = torch.nan_to_num(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), nan=0.0, posinf=0.0,
+                            neginf=0.0)
+    data = without_offset(torch.from_numpy(quiet_background(data.numpy()))[None])
     grid = canonical_grid(Grid(tuple(volume.shape[:3]), np.asarray(affine, float)), spacing, multiple, max_size,
                           rotation)
     pooled, pooled_affine = antialias(data, np.asarray(affine, float), spacing)
