@@ -28,7 +28,7 @@ from deface import BRAIN, FACE
 from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
-CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike")
+CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased")
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", "tilted",
                 "crop_chin", "crop_mouth", "crop_nose", "brain_only")
 SURFACE_MM = 10.0
@@ -60,7 +60,9 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     ``pdlike`` flattens them (gamma 0.35), ``flairlike`` inverts and then darkens the brightest
     (fluid) tail. Air stays dark, except in ``unilike``: the T1 as it is, its air outside the filled
     head outline made salt-and-pepper noise over the whole range, as in an MP2RAGE UNI image
-    (seeded: the same image every run).
+    (seeded: the same image every run); and ``biased``: the T1 times a smooth field from 0.3 at the
+    front and bottom of the array to 1.6 at the back and top (an uncorrected receive-coil bias, as at
+    7 T; the array's axes taken as R, A, S, as in the evaluation cache).
     """
     x = image.astype(np.float32)
     x = np.clip(x / max(float(np.percentile(x, 99.5)), 1e-6), 0, 1)
@@ -72,6 +74,11 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
         rng = np.random.default_rng(0)
         noise = np.where(rng.random(x.shape) < 0.5, rng.uniform(0.0, 0.3, x.shape), rng.uniform(0.6, 1.0, x.shape))
         return np.where(head_silhouette(x) | (labels > 0), x, noise).astype(np.float32)
+    if kind == "biased":
+        j, k = np.ogrid[: x.shape[1], : x.shape[2]]
+        field = np.tanh((-(j - x.shape[1] / 2) + 0.5 * (k - x.shape[2] / 2)) / 80.0)[None]
+        field = 0.3 + 1.3 * (field - field.min()) / max(float(np.ptp(field)), 1e-6)
+        return (x * field).astype(np.float32)
     head = (labels > 0) | (x > 0.1)
     if kind == "t2like":
         y = 1.0 - x
