@@ -186,8 +186,7 @@ def quiet_background(data: np.ndarray) -> np.ndarray:
         return data
     residual = ndi.uniform_filter(np.abs(data - ndi.median_filter(data, size=3)), size=5)
     labels, _ = ndi.label(residual > NOISY_AIR_LEVEL * hi)
-    edges = np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(), labels[:, -1].ravel(),
-                            labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    edges = np.concatenate([np.moveaxis(labels, axis, 0)[side].ravel() for axis in range(3) for side in (0, -1)])
     air = np.isin(labels, np.unique(edges[edges > 0]))
     pieces, n = ndi.label(~air)
     if n:
