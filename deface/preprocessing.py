@@ -195,6 +195,80 @@ def quiet_background(data: np.ndarray) -> np.ndarray:
     return np.where(air, 0.0, data).astype(data.dtype, copy=False)
 
 
+BIAS_GATE = 2.3  # a fitted first-order field ranging more than this (97.5th / 2.5th percentile over the head) is flattened
+BIAS_ORDER = 2  # ... by a field of this polynomial order (in log intensity)
+
+
+def _log_field_fit(values: np.ndarray, coords: tuple[np.ndarray, ...], order: int, rounds: int = 4) -> np.ndarray:
+    """Coefficients of a polynomial (of ``order``, in the coordinates) fitted to log ``values``,
+    each round on the voxels within one median absolute deviation of the last fit: the dominant
+    tissue, whose intensity should be one level throughout the head."""
+    design = np.stack([np.broadcast_to(t, values.shape) for t in _monomials(coords, order)], -1)
+    y = np.log(values)
+    keep = np.ones(y.size, bool)
+    for _ in range(rounds):
+        coef = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
+        residual = y - design @ coef
+        centre = np.median(residual[keep])
+        keep = np.abs(residual - centre) < np.median(np.abs(residual[keep] - centre)) + 1e-6
+    return coef
+
+
+def _monomials(coords: tuple[np.ndarray, ...], order: int) -> list[np.ndarray]:
+    """The terms x^i y^j z^k (i + j + k <= order) of coordinates that broadcast together."""
+    x, y, z = coords
+    return [x**i * y**j * z**k for i in range(order + 1) for j in range(order + 1 - i) for k in range(order + 1 - i - j)]
+
+
+def _polynomial(coords: tuple[np.ndarray, ...], coef: np.ndarray, order: int) -> np.ndarray:
+    """The polynomial with ``coef`` (in ``_monomials``' order) at ``coords``."""
+    return sum(c * term for c, term in zip(coef, _monomials(coords, order)))
+
+
+def _dominant_tissue(x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Every second voxel's intensity inside the head (away from its edge, above the darkest
+    tissue) of a normalised (X, Y, Z) ``x``, and their coordinates scaled to [-1, 1] over ``x``."""
+    from scipy import ndimage as ndi
+
+    coarse = x[::2, ::2, ::2]
+    tissue = ndi.binary_erosion(ndi.gaussian_filter(coarse, 1.0) > 0.1, iterations=2) & (coarse > 0.05)
+    axes = [np.linspace(-1.0, 1.0, n)[::2] for n in x.shape]
+    return coarse[tissue], tuple(axis[i] for axis, i in zip(axes, np.nonzero(tissue)))
+
+
+def bias_strength(x: np.ndarray) -> float:
+    """How many times brighter the same tissue is on one side of a normalised head (X, Y, Z) than on
+    the other: the 97.5th / 2.5th percentile over the head of a first-order field fitted to it
+    (1.0 when there is too little tissue to tell)."""
+    values, points = _dominant_tissue(x)
+    if values.size < 1000:
+        return 1.0
+    gauge = _polynomial(points, _log_field_fit(values, points, 1), 1)
+    return float(np.exp(np.percentile(gauge, 97.5) - np.percentile(gauge, 2.5)))
+
+
+def flatten_bias(image: torch.Tensor) -> torch.Tensor:
+    """A normalised canonical ``image`` (1, X, Y, Z) divided by its smooth intensity field when that
+    field is strong (an uncorrected receive-coil bias); unchanged otherwise.
+
+    ``bias_strength`` gauges the field (``BIAS_GATE``; heads as scanned and their other contrasts,
+    thick slices, cut fields of view: at most 2.04; the same heads times a 0.3-1.6 field: 2.1-4.8);
+    a second-order fit to the dominant tissue's log intensity removes it, clamped to its range over
+    the head so the air stays dark. A T1 times such a field moved the atlas registration 4.5 mm (up
+    to 12.8) into the frontal lobe, and with the network's errors 9,807 brain voxels of a stroke T2
+    were removed."""
+    x = image[0].numpy()
+    if bias_strength(x) <= BIAS_GATE:
+        return image
+    values, points = _dominant_tissue(x)
+    coef = _log_field_fit(values, points, BIAS_ORDER)
+    at_tissue = _polynomial(points, coef, BIAS_ORDER)
+    grid = np.ix_(*[np.linspace(-1.0, 1.0, n) for n in x.shape])
+    log_field = np.broadcast_to(_polynomial(grid, coef, BIAS_ORDER), x.shape).clip(at_tissue.min(), at_tissue.max())
+    flat = x / np.exp(log_field - np.median(at_tissue))
+    return torch.from_numpy(flat.astype(np.float32))[None]
+
+
 @dataclass(frozen=True)
 class CanonicalInput:
     """The network input on the canonical grid and what is needed to map results back."""
@@ -216,4 +290,8 @@ def to_canonical(volume: np.ndarray, affine: np.ndarray, spacing: float = 2.0, m
     pooled, pooled_affine = antialias(data, np.asarray(affine, float), spacing)
     image = resample(pooled, pooled_affine, grid)
     inside = fov_mask(pooled_affine, tuple(pooled.shape[1:]), grid)
-    return CanonicalInput(normalize_intensity(image, inside[None]), grid, inside)
+    image = normalize_intensity(image, inside[None])
+    flat = flatten_bias(image)
+    if flat is not image:
+        image = normalize_intensity(flat, inside[None])
+    return CanonicalInput(image, grid, inside)

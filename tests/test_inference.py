@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from deface import BRAIN, FACE, inference, io
 from deface.postprocessing import grow
@@ -121,6 +122,39 @@ def test_salt_and_pepper_air_is_quieted_and_the_brain_kept(defacer):
     plain, result = deface_with_oracle(defacer, img).mask, deface_with_oracle(defacer, nib.Nifti1Image(noisy, img.affine)).mask
     assert not result[truth == BRAIN].any()
     assert result[truth == FACE].mean() >= plain[truth == FACE].mean() - 0.05
+
+
+def test_a_strong_bias_field_is_flattened_in_the_network_input(monkeypatch):
+    """A head times a smooth field from 0.3 to 1.6 (an uncorrected receive-coil bias) reaches the
+    network and the registration with its brain one level again; a head without one is not touched."""
+    from deface import preprocessing
+    from deface.preprocessing import BIAS_GATE, bias_strength, flatten_bias, to_canonical
+
+    img = make_phantom(angle_deg=20.0, dtype=np.float32)
+    data = np.asarray(img.dataobj, np.float32)
+    plain = to_canonical(data, img.affine)
+    assert bias_strength(plain.image[0].numpy()) < 1.2
+    assert flatten_bias(plain.image) is plain.image
+    points = world_points(img.shape, img.affine)
+    slope = -points[..., 1] + 0.5 * points[..., 2]
+    head = data > 0
+    t = (slope - slope[head].min()) / np.ptp(slope[head])
+    biased = data * 0.3 * (1.6 / 0.3) ** t
+    flat = to_canonical(biased, img.affine)
+    with monkeypatch.context() as m:
+        m.setattr(preprocessing, "BIAS_GATE", float("inf"))
+        kept = to_canonical(biased, img.affine)
+    assert bias_strength(kept.image[0].numpy()) > BIAS_GATE
+    truth = phantom_truth(world_points(flat.grid.shape, flat.grid.affine))
+    core = ndi.binary_erosion(truth == BRAIN, iterations=2)
+
+    def spread(canon) -> float:  # of the brain's intensity: 1.0 when it is one level
+        values = canon.image[0].numpy()[core]
+        return float(np.percentile(values, 95) / np.percentile(values, 5))
+
+    # the fit takes the phantom's two tissues (brain 600, the rest 300) for part of the field: not all of it goes
+    assert spread(kept) > 2.0 and spread(flat) < 1.6
+    assert bias_strength(flat.image[0].numpy()) < BIAS_GATE
 
 
 def test_4d_mask_applied_to_every_volume(defacer):
