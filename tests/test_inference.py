@@ -131,7 +131,9 @@ def test_a_strong_bias_field_is_flattened_in_the_network_input(monkeypatch):
     from deface.preprocessing import BIAS_GATE, bias_strength, flatten_bias, to_canonical
 
     img = make_phantom(angle_deg=20.0, dtype=np.float32)
+    # one tissue level (the eyes darker): the phantom's bright brain high in the head reads as a field
     data = np.asarray(img.dataobj, np.float32)
+    data = np.where(data == data.max(), 300.0, data).astype(np.float32)
     plain = to_canonical(data, img.affine)
     assert bias_strength(plain.image[0].numpy()) < 1.2
     assert flatten_bias(plain.image) is plain.image
@@ -152,9 +154,8 @@ def test_a_strong_bias_field_is_flattened_in_the_network_input(monkeypatch):
         values = canon.image[0].numpy()[core]
         return float(np.percentile(values, 95) / np.percentile(values, 5))
 
-    # the fit takes the phantom's two tissues (brain 600, the rest 300) for part of the field: not all of it goes
-    assert spread(kept) > 2.0 and spread(flat) < 1.6
-    assert bias_strength(flat.image[0].numpy()) < BIAS_GATE
+    assert spread(kept) > 2.0 and spread(flat) < 1.2
+    assert bias_strength(flat.image[0].numpy()) < 1.2
 
 
 def test_4d_mask_applied_to_every_volume(defacer):
