@@ -244,10 +244,10 @@ def rotation_deg(rotation: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-def _coarse(mask: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """``mask`` averaged onto a grid of about SEARCH_SPACING_MM (float, (X, Y, Z)) and its affine."""
+def _coarse(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``mask`` averaged onto a grid of about SEARCH_SPACING_MM (float32, (X, Y, Z)) and its affine."""
     pooled, pooled_affine = antialias(torch.from_numpy(mask.astype(np.float32))[None], affine, SEARCH_SPACING_MM)
-    return pooled[0], pooled_affine
+    return pooled[0].numpy(), pooled_affine
 
 
 def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
@@ -257,41 +257,64 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
     volumes in the moving head's space) of the two head outlines (blind to contrast) within the
     moving head's field of view; each rotation's translation matches the centroids of the two
     outlines over the anatomy both cover. Starts near upright are all the affine optimiser
-    can reach: a head pitched 25 degrees and rolled 12 was registered 40 mm off at the face."""
+    can reach: a head pitched 25 degrees and rolled 12 was registered 40 mm off at the face.
+
+    Plain numpy (float32, points as rows of a (3, N) array): ~800 scores of ~45k points each ran
+    in torch 2.4 s on an idle 2-core machine and 76 s beside another busy process (its thread team
+    waits on every small operation); here 1.2 s, with the same poses."""
     f, f_affine = _coarse(fixed.solid, fixed.affine)
     m, m_affine = _coarse(moving.solid, moving.affine)
-    idx = torch.nonzero(f > 0).float()  # only voxels of the fixed outline count
-    weight = f[f > 0].float()
-    points = idx @ torch.from_numpy(f_affine[:3, :3]).float().T + torch.from_numpy(f_affine[:3, 3]).float()
-    m_centre = torch.from_numpy(m_affine[:3, :3] @ np.argwhere(m.numpy() >= 0.5).mean(0) + m_affine[:3, 3]).float()
-    to_m = torch.from_numpy(np.linalg.inv(m_affine)).float()
-    size = torch.tensor(m.shape, dtype=torch.float32)
+    shape = np.array(m.shape)
+    padded = np.pad(m, 1).ravel()  # zeros around: a point up to a voxel outside still blends with them
+    sx, sy = (shape[1] + 2) * (shape[2] + 2), shape[2] + 2
+    corners = [(dx * sx + dy * sy + dz, dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
+    weight = f[f > 0].astype(np.float32)  # only voxels of the fixed outline count
+    points = (f_affine[:3, :3] @ np.nonzero(f > 0) + f_affine[:3, 3:]).astype(np.float32)
+    m_centre = (m_affine[:3, :3] @ np.argwhere(m >= 0.5).mean(0) + m_affine[:3, 3]).astype(np.float32)
+    to_m = np.linalg.inv(m_affine).astype(np.float32)
+    last = shape.astype(np.float32) - 0.5
     volume_m = float(m.sum())
-    start = torch.from_numpy(fixed.affine[:3, :3] @ np.argwhere(fixed.top).mean(0) + fixed.affine[:3, 3]).float()
-    moving_grid = m[None, None].float()
+    start = (fixed.affine[:3, :3] @ np.argwhere(fixed.top).mean(0) + fixed.affine[:3, 3]).astype(np.float32)
 
-    def moving_index(rot: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # ((points - centre) @ rot.T + m_centre) in moving voxels, as one linear map (rot: scale included)
+    def moving_index(rot: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # ((points - centre) @ rot.T + m_centre) in moving voxels (3, N), as one linear map (rot: scale included)
         linear = to_m[:3, :3] @ rot
         offset = to_m[:3, :3] @ (m_centre - rot @ centre) + to_m[:3, 3]
-        vox = points @ linear.T + offset
-        return vox, ((vox >= -0.5) & (vox <= size - 0.5)).all(1)
+        vox = linear @ points + offset[:, None]
+        inside = np.ones(vox.shape[1], bool)
+        for axis in range(3):
+            inside &= (vox[axis] >= -0.5) & (vox[axis] <= last[axis])
+        return vox, inside
+
+    def sample(vox: np.ndarray) -> np.ndarray:
+        """Trilinear values of the moving outline at voxel coordinates (3, N), 0 outside."""
+        base = np.floor(vox)
+        frac = vox - base
+        i = base.astype(np.int64) + 1  # in the padded array
+        valid = np.ones(vox.shape[1], bool)
+        for axis in range(3):
+            valid &= (i[axis] >= 0) & (i[axis] <= shape[axis])
+        np.clip(i, 0, shape[:, None], out=i)
+        index = i[0] * sx + i[1] * sy + i[2]
+        blend = [(1 - frac[axis], frac[axis]) for axis in range(3)]
+        out = np.zeros(vox.shape[1], np.float32)
+        for step, dx, dy, dz in corners:
+            out += padded[index + step] * (blend[0][dx] * blend[1][dy] * blend[2][dz])
+        return np.where(valid, out, 0.0)
 
     def score(rot: np.ndarray, scale: float) -> tuple[float, np.ndarray]:
-        r, centre = torch.from_numpy(scale * rot).float(), start
+        r, centre = (scale * rot).astype(np.float32), start
         for _ in range(2):  # the fixed outline's centroid over the anatomy the moving grid covers
             _, inside = moving_index(r, centre)
             w = weight * inside
             total = float(w.sum())
             if total < 1:
-                return 0.0, centre.numpy().astype(np.float64)
-            centre = (w @ points) / total
+                return 0.0, centre.astype(np.float64)
+            centre = (points @ w) / total
         vox, inside = moving_index(r, centre)
-        grid = (vox / (size - 1) * 2 - 1).flip(-1)[None, :, None, None, :]  # grid_sample wants (z, y, x)
-        sampled = torch.nn.functional.grid_sample(moving_grid, grid, align_corners=True)[0, 0, :, 0, 0]
         v = scale**3  # a fixed voxel's volume in moving voxels
-        return (2 * v * float(sampled @ weight) / (v * float(weight @ inside.float()) + volume_m),
-                centre.numpy().astype(np.float64))
+        return (2 * v * float(sample(vox) @ weight) / (v * float(weight @ inside.astype(np.float32)) + volume_m),
+                centre.astype(np.float64))
 
     upright = score(np.eye(3), 1.0)
     best = (upright[0], np.eye(3), upright[1], 1.0)
@@ -308,7 +331,7 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
     _, rot, centre, scale = best
     out = np.eye(4)
     out[:3, :3] = scale * rot
-    out[:3, 3] = m_centre.numpy() - scale * rot @ centre
+    out[:3, 3] = m_centre - scale * rot @ centre
     return out
 
 
