@@ -28,7 +28,7 @@ from deface import BRAIN, FACE
 from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
-CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased")
+CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", "tilted",
                 "crop_chin", "crop_mouth", "crop_nose", "brain_only")
 SURFACE_MM = 10.0
@@ -62,7 +62,9 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     head outline made salt-and-pepper noise over the whole range, as in an MP2RAGE UNI image
     (seeded: the same image every run); and ``biased``: the T1 times a smooth field from 0.3 at the
     front and bottom of the array to 1.6 at the back and top (an uncorrected receive-coil bias, as at
-    7 T; the array's axes taken as R, A, S, as in the evaluation cache).
+    7 T; the array's axes taken as R, A, S, as in the evaluation cache); and ``noisy``: the T1 with
+    Rician noise of sigma 0.06 everywhere (a low-SNR scan: white matter at SNR ~15, air a noise floor
+    at ~0.075; seeded).
     """
     x = image.astype(np.float32)
     x = np.clip(x / max(float(np.percentile(x, 99.5)), 1e-6), 0, 1)
@@ -74,6 +76,10 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
         rng = np.random.default_rng(0)
         noise = np.where(rng.random(x.shape) < 0.5, rng.uniform(0.0, 0.3, x.shape), rng.uniform(0.6, 1.0, x.shape))
         return np.where(head_silhouette(x) | (labels > 0), x, noise).astype(np.float32)
+    if kind == "noisy":
+        rng = np.random.default_rng(0)
+        sigma = 0.06
+        return np.hypot(x + rng.normal(0, sigma, x.shape), rng.normal(0, sigma, x.shape)).astype(np.float32)
     if kind == "biased":
         j, k = np.ogrid[: x.shape[1], : x.shape[2]]
         field = np.tanh((-(j - x.shape[1] / 2) + 0.5 * (k - x.shape[2] / 2)) / 80.0)[None]
