@@ -46,6 +46,11 @@ def test_contrast_variants_keep_air_dark(kind):
     assert out[labels == BRAIN].min() > 0
     if kind == "unilike":  # the air is noise over the whole range, the head as in the T1
         assert out[data == 0].std() > 0.3 and np.allclose(out[labels > 0], contrast_variant(data, labels, "original")[labels > 0])
+    elif kind == "noisy":  # a Rician noise floor (mean sigma * sqrt(pi / 2)) everywhere, the head's level kept
+        sigma = 0.06
+        assert abs(out[data == 0].mean() - sigma * np.sqrt(np.pi / 2)) < 0.005
+        plain = contrast_variant(data, labels, "original")
+        assert abs(np.median(out[labels == BRAIN] - plain[labels == BRAIN])) < 0.01
     else:
         assert out[data == 0].max() == 0
 
