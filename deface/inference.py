@@ -27,7 +27,7 @@ from deface.network import build_network, downsampling_factor
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, filled_tissue_ml, grow,
                                   looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
                                   to_native)
-from deface.preprocessing import CanonicalInput, Grid, to_canonical, voxel_sizes
+from deface.preprocessing import CanonicalInput, Grid, native_intensities, to_canonical, voxel_sizes
 
 if TYPE_CHECKING:
     from deface.atlas import Registration
@@ -291,7 +291,8 @@ class Defacer:
             raise io.InputError("the image has no finite values (all NaN or Inf): nothing to deface")
         if np.nanmax(ref) == np.nanmin(ref):
             raise io.InputError("the image is constant (all voxels equal): nothing to deface")
-        canon = to_canonical(ref, volume.affine, self.spacing, self.multiple)
+        ref = native_intensities(ref)
+        canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, cleaned=True)
         if self.atlas is None:
             return volume, canon, None
         from deface.atlas import Registration
@@ -299,13 +300,15 @@ class Defacer:
         signal = tissue_signal(canon.image[0], canon.inside, self.post).numpy()
         if filled_tissue_ml(signal, self.spacing) <= self.post.brain_only_max_tissue_ml:
             return volume, canon, Registration(None, DEFERRED, 0.0)
-        canon, registration = self.register(volume, canon)
+        canon, registration = self.register(volume, canon, ref)
         return volume, canon, registration
 
-    def register(self, volume: io.Volume, canon: CanonicalInput) -> tuple[CanonicalInput, Registration]:
+    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None
+                 ) -> tuple[CanonicalInput, Registration]:
         """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
         upright when the head is far tilted, or ``canon`` itself; the registration, its
-        ``seconds`` counting the pose search too)."""
+        ``seconds`` counting the pose search too). ``ref``: the reference volume through
+        ``native_intensities``, if the caller has it."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   rotation_deg)
 
@@ -326,8 +329,9 @@ class Defacer:
             start = head_pose(self.atlas, head)
             pose = rigid_part(start[:3, :3])
             if rotation_deg(pose) > self.post.atlas_search_deg:
-                ref = volume.reference(self.mask_from)
-                seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose)
+                if ref is None:
+                    ref = native_intensities(volume.reference(self.mask_from))
+                seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose, cleaned=True)
                 searched = register_atlas(self.atlas, registration_image(seen), seen.grid.affine, start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
@@ -336,7 +340,7 @@ class Defacer:
                 # the outline must look tilted too: a steep FLAIR's was upright (s19, registered 31 deg)
                 if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
                     turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
-                    canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned)
+                    canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
         return canon, replace(reg, seconds=time.perf_counter() - t0)
 
     @torch.inference_mode()
