@@ -242,7 +242,11 @@ def bias_strength(x: np.ndarray) -> float:
     """How many times brighter the same tissue is on one side of a normalised head (X, Y, Z) than on
     the other: the 97.5th / 2.5th percentile over the head of a first-order field fitted to it
     (1.0 when there is too little tissue to tell)."""
-    values, points = _dominant_tissue(x)
+    return _strength(*_dominant_tissue(x))
+
+
+def _strength(values: np.ndarray, points: tuple[np.ndarray, ...]) -> float:
+    """``bias_strength`` of the dominant tissue's ``values`` at ``points``."""
     if values.size < 1000:
         return 1.0
     gauge = _polynomial(points, _log_field_fit(values, points, 1), 1)
@@ -264,9 +268,9 @@ def flatten_bias(image: torch.Tensor) -> torch.Tensor:
     the frontal lobe, and with the network's errors 9,807 of its brain voxels were removed;
     flattened, none."""
     x = image[0].numpy()
-    if bias_strength(x) <= BIAS_GATE:
-        return image
     values, points = _dominant_tissue(x)
+    if _strength(values, points) <= BIAS_GATE:
+        return image
     coef = _log_field_fit(values, points, BIAS_ORDER)
     at_tissue = _polynomial(points, coef, BIAS_ORDER)
     grid = np.ix_(*[np.linspace(-1.0, 1.0, n) for n in x.shape])
