@@ -37,6 +37,8 @@ PLAUSIBLE_SCALE = (0.7, 1.45)
 OUTLINE_TOLERANCE = 0.01
 OUTLINE_TOLERANCE_WIDE = 0.03
 MI_GAIN = 0.05
+# register_affine runs a dense full-resolution last level on the fixed image cropped to the metric region
+CROP_LAST_LEVEL = True
 RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # world RAS <-> SimpleITK's LPS (its own inverse)
 # A fit with whole-head MI above this may be off (upright T1 heads as scanned reach about -0.45,
 # misregistered ones -0.2; FLAIRs reach only -0.23 to -0.32 when right): the wrapper then searches the pose.
@@ -362,6 +364,27 @@ def atlas_points(to_atlas: np.ndarray, grid: Grid) -> np.ndarray:
     return voxel_world(grid.shape, to_atlas @ grid.affine)
 
 
+def region_box(region: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of ``region`` grown by ``margin`` voxels a side, clipped to the grid."""
+    nz = np.argwhere(region)
+    if not len(nz):
+        return tuple(slice(0, n) for n in region.shape)
+    lo, hi = np.maximum(nz.min(0) - margin, 0), np.minimum(nz.max(0) + margin + 1, region.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def physical_shift_scales(shape: tuple[int, ...], affine: np.ndarray, centre_lps: np.ndarray) -> list[float]:
+    """The optimiser scales SimpleITK's ``SetOptimizerScalesFromPhysicalShift`` estimates for a
+    3D affine transform about ``centre_lps`` on a dense virtual grid (``shape``, ``affine``): the
+    squared largest shift of the grid's corner voxels per unit change of each parameter (matrix
+    entry (j, k): the corners' largest |x_k - c_k|; translations: 1)."""
+    corners = np.array([[0, n - 1] for n in shape]).T  # (2, 3)
+    points = np.array([affine[:3, :3] @ [corners[i, 0], corners[j, 1], corners[k, 2]] + affine[:3, 3]
+                       for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * np.array([-1.0, -1.0, 1.0])  # LPS
+    reach = np.abs(points - np.asarray(centre_lps)).max(0) ** 2
+    return [float(reach[k]) for _ in range(3) for k in range(3)] + [1.0, 1.0, 1.0]
+
+
 def _to_sitk(image: np.ndarray, affine: np.ndarray):
     """A SimpleITK image (LPS physical space) from an axis-aligned RAS array and affine."""
     import SimpleITK as sitk
@@ -415,10 +438,11 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
     fixed_affine, moving_affine = fixed.affine, moving.affine
     fmask, mmask = fixed.top, moving.top
     if metric == "outline":
-        f = _to_sitk(ndi.gaussian_filter(fixed.solid.astype(np.float32), 1.5), fixed_affine)
+        f_array = ndi.gaussian_filter(fixed.solid.astype(np.float32), 1.5)
         m = _to_sitk(ndi.gaussian_filter(moving.solid.astype(np.float32), 1.5), moving_affine)
     else:
-        f, m = _to_sitk(fixed.image, fixed_affine), _to_sitk(moving.image, moving_affine)
+        f_array, m = fixed.image, _to_sitk(moving.image, moving_affine)
+    f = _to_sitk(f_array, fixed_affine)
 
     def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
         c = np.argwhere(mask).mean(0)
@@ -429,8 +453,19 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
     region = fixed.metric_region if region is None else region
     fixed_mask = _to_sitk(region.astype(np.float32), fixed_affine)
     fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
+    # A dense last level at full resolution is run on its own, on the fixed image cropped to the
+    # region (ITK visits every voxel of the fixed grid and asks the mask of each), with the step
+    # scales ITK would estimate on the whole grid: the same transform to 1e-10 mm, 40 % faster.
+    split = CROP_LAST_LEVEL and sampling >= 1.0 and len(shrink) > 1 and shrink[-1] == 1  # the affine stage only
+    if split:
+        box = region_box(region, margin=int(np.ceil(4.0 / min(voxel_sizes(fixed_affine)))) + 1)
+        full_grid_scales = physical_shift_scales(fixed.image.shape, fixed_affine, cf)
+        box_affine = fixed_affine.copy()
+        box_affine[:3, 3] = fixed_affine[:3, :3] @ [s.start for s in box] + fixed_affine[:3, 3]
+        f_box = _to_sitk(f_array[box], box_affine)
+        mask_box = sitk.Cast(_to_sitk(region[box].astype(np.float32), box_affine), sitk.sitkUInt8)
 
-    def run(tx):
+    def run(tx, levels=tuple(shrink), fixed_image=None, mask=None, scales=None):
         reg = sitk.ImageRegistrationMethod()
         if metric == "outline":
             reg.SetMetricAsMeanSquares()
@@ -439,7 +474,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         if sampling < 1.0:
             reg.SetMetricSamplingStrategy(reg.RANDOM)
             reg.SetMetricSamplingPercentage(sampling, seed)
-        reg.SetMetricFixedMask(fixed_mask)
+        reg.SetMetricFixedMask(fixed_mask if mask is None else mask)
         if metric == "mi":
             # ITK's Mattes metric adds each work unit's derivative under a lock in the order the
             # threads arrive, so the sum, and through the optimiser the transform, changed with
@@ -448,13 +483,22 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
             reg.SetNumberOfWorkUnits(1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(1.0, min_step, iterations, relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel(list(shrink))
-        reg.SetSmoothingSigmasPerLevel([float(s) for s in shrink])
+        if scales is None:
+            reg.SetOptimizerScalesFromPhysicalShift()
+        else:
+            reg.SetOptimizerScales(scales)
+        reg.SetShrinkFactorsPerLevel(list(levels))
+        reg.SetSmoothingSigmasPerLevel([float(s) for s in levels])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         reg.SetInitialTransform(tx, inPlace=True)
-        reg.Execute(f, m)
+        reg.Execute(f if fixed_image is None else fixed_image, m)
         return tx
+
+    def run_all(tx):
+        if not split:
+            return run(tx)
+        run(tx, tuple(shrink[:-1]))
+        return run(tx, (1,), f_box, mask_box, full_grid_scales)
 
     aff = sitk.AffineTransform(3)
     aff.SetCenter([float(v) for v in cf])
@@ -470,7 +514,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         a0, b0 = start[:3, :3], start[:3, 3]
         aff.SetMatrix([float(v) for v in a0.ravel()])
         aff.SetTranslation([float(v) for v in b0 + a0 @ cf - cf])
-    tx = run(aff)
+    tx = run_all(aff)
     a = np.array(tx.GetMatrix()).reshape(3, 3)
     c = np.array(tx.GetCenter())
     t = np.array(tx.GetTranslation())

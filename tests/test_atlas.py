@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from deface import BACKGROUND, FACE
 from deface.atlas import Atlas, outline_overlap, plausible, register_atlas
@@ -442,3 +443,31 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     assert not (capped.mask & near_brain).any() and capped.stats["brain_voxels_changed"] == 0
     gained = voxel_world(img.shape, registration.to_atlas @ img.affine)[capped.mask & ~free.mask]
     assert (gained[:, 1] >= defacer.post.atlas_front_y_mm - 3).all()  # only in front
+
+
+def test_the_full_resolution_level_on_a_cropped_grid_gives_the_whole_grids_transform(monkeypatch):
+    """register_affine's last, dense full-resolution level runs on the fixed image cropped to the
+    metric region, with the step scales ITK estimates on the whole grid given by hand: the
+    transform is the one ITK finds on the whole grid in one multi-level run."""
+    import deface.atlas as atlas_module
+    from deface.atlas import Head, register_affine
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(8.0, 4.0)
+    head = Head(image, affine)
+    region = ndi.binary_erosion(head.top, iterations=6)  # well inside the grid: the crop is real
+    assert atlas_module.region_box(region, 3) != tuple(slice(0, n) for n in region.shape)
+
+    def register() -> np.ndarray:
+        start = register_affine(head, atlas.head, shrink=(4,), sampling=1.0, metric="mi")
+        return register_affine(head, atlas.head, shrink=(4, 2, 1), sampling=1.0, metric="mi", init=start,
+                               region=region)
+
+    cropped = register()
+    monkeypatch.setattr(atlas_module, "CROP_LAST_LEVEL", False)
+    whole = register()
+    points = np.argwhere(region)[::50].T
+    world = affine[:3, :3] @ points + affine[:3, 3:4]
+    moved = [t[:3, :3] @ world + t[:3, 3:4] for t in (cropped, whole)]
+    assert np.abs(moved[0] - moved[1]).max() < 1e-4  # mm
+    assert np.abs(cropped - np.eye(4)).max() > 1e-3  # it did move the atlas
