@@ -78,9 +78,14 @@ class Head:
         return head_silhouette(self.image)
 
     @cached_property
+    def tissue(self) -> np.ndarray:
+        """The head's brighter tissue in one piece, from which ``top`` and ``near_top`` are cut."""
+        return head_tissue(self.image)
+
+    @cached_property
     def top(self) -> np.ndarray:
         """The top 170 mm: the metric region and the start of every registration."""
-        return _top_of_head(self.image, self.affine)
+        return top_of(self.tissue, self.affine, 170.0)
 
     @cached_property
     def metric_region(self) -> np.ndarray:
@@ -90,7 +95,7 @@ class Head:
     @cached_property
     def near_top(self) -> np.ndarray:
         """Head voxels within 130 mm of the top: where outline fits are compared."""
-        return _top_of_head(self.image, self.affine, 130.0)
+        return top_of(self.tissue, self.affine, 130.0)
 
 
 @dataclass
@@ -169,10 +174,11 @@ def register_head(fixed: Head, moving: Head, shrink: tuple[int, ...] = (4, 2),
 
 
 def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: tuple[int, ...] = (4, 2),
-                   start: np.ndarray | None = None) -> Registration:
+                   start: np.ndarray | None = None, head: Head | None = None) -> Registration:
     """Register ``atlas`` to a normalised ``image`` (X, Y, Z) on an isotropic grid (``affine``:
     axis-aligned RAS, or rotated, e.g. by ``head_pose``), optionally from ``start`` (world ->
-    atlas). Returns the world -> atlas transform.
+    atlas). Returns the world -> atlas transform. ``head``: the caller's ``Head`` of an axis-aligned
+    ``image``, whose masks then serve the caller and the registration alike.
 
     Never raises: a failed or implausible registration has ``to_atlas=None`` and says why, and
     the caller decides (the wrapper warns and relies on the network alone).
@@ -185,7 +191,8 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     to_virtual = virtual @ np.linalg.inv(affine)
     try:
         init = None if start is None else start @ np.linalg.inv(to_virtual)
-        to_virtual_atlas, mi = register_pose(Head(image, virtual), atlas, shrink, init)
+        fixed = head if head is not None and np.array_equal(head.affine, virtual) else Head(image, virtual)
+        to_virtual_atlas, mi = register_pose(fixed, atlas, shrink, init)
         to_atlas = to_virtual_atlas @ to_virtual
     except Exception as exc:  # SimpleITK raises RuntimeError with a long message
         return Registration(None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
@@ -406,11 +413,16 @@ def head_silhouette(image: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _top_of_head(image: np.ndarray, affine: np.ndarray, depth_mm: float = 170.0) -> np.ndarray:
-    """Head voxels within ``depth_mm`` of the top of the head (the part the template covers)."""
+def head_tissue(image: np.ndarray) -> np.ndarray:
+    """Tissue above a moderate threshold, opened, largest component: the head without its dark
+    surroundings, for ``top_of``."""
     mask = ndi.gaussian_filter(image, 1.0) > 0.2
     mask = ndi.binary_opening(mask, iterations=2)
-    mask = largest_component(mask) if mask.any() else mask
+    return largest_component(mask) if mask.any() else mask
+
+
+def top_of(mask: np.ndarray, affine: np.ndarray, depth_mm: float) -> np.ndarray:
+    """The voxels of ``mask`` (``head_tissue``) within ``depth_mm`` of its top (the part the template covers)."""
     z = affine[2, 2] * np.arange(mask.shape[2]) + affine[2, 3]
     top = z[np.nonzero(mask.any(axis=(0, 1)))[0].max()] if mask.any() else z.max()
     return mask & (z >= top - depth_mm)[None, None, :]

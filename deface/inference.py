@@ -315,7 +315,7 @@ class Defacer:
         t0 = time.perf_counter()
         image, affine = registration_image(canon), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
-        reg = register_atlas(self.atlas, image, affine)  # from upright, as validated on heads as scanned
+        reg = register_atlas(self.atlas, image, affine, head=head)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
         if not (upright and reg_mi < GOOD_FIT_MI):
