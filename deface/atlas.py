@@ -248,6 +248,13 @@ def rigid_part(linear: np.ndarray) -> np.ndarray:
     return u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
 
 
+def roll_yaw_deg(rotation: np.ndarray) -> float:
+    """The angle (degrees) of a 3x3 rotation (``euler`` order: pitch, then roll, then yaw) left
+    once its pitch is taken out: how far a head is rolled and turned, not nodded."""
+    pitch = float(np.degrees(np.arctan2(rotation[2, 1], rotation[2, 2])))
+    return rotation_deg(rotation @ euler(-pitch, 0.0, 0.0))
+
+
 def rotation_deg(rotation: np.ndarray) -> float:
     """The angle of a 3x3 rotation, in degrees."""
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))

@@ -310,13 +310,14 @@ class Defacer:
         ``seconds`` counting the pose search too). ``ref``: the reference volume through
         ``native_intensities``, if the caller has it."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
-                                  rotation_deg)
+                                  roll_yaw_deg, rotation_deg)
 
         t0 = time.perf_counter()
         image, affine = registration_image(canon), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine, head=head)  # from upright, as validated on heads as scanned
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
+        far = False  # turned far from the atlas pose by the kept registration, found by the pose search
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
         if not (upright and reg_mi < GOOD_FIT_MI):
             # Not a well-fitting upright registration (FLAIRs, IXI 212 and the s21 T1 as scanned, the
@@ -336,11 +337,17 @@ class Defacer:
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
                     reg = searched
-                turn = rigid_part(reg.to_atlas[:3, :3]) if reg.to_atlas is not None else np.eye(3)
                 # the outline must look tilted too: a steep FLAIR's was upright (s19, registered 31 deg)
-                if rotation_deg(turn) > self.post.atlas_upright_deg:  # the network sees the head upright
-                    turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
-                    canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
+                far = reg.to_atlas is not None and (rotation_deg(rigid_part(reg.to_atlas[:3, :3]))
+                                                    > self.post.atlas_upright_deg)
+        # A head turned or rolled is turned upright however it was registered: heads as scanned are
+        # pitched, seldom turned, and the network learned them so.
+        turn = rigid_part(reg.to_atlas[:3, :3]) if reg.to_atlas is not None else np.eye(3)
+        if far or roll_yaw_deg(turn) > self.post.atlas_upright_roll_yaw_deg:
+            if ref is None:
+                ref = native_intensities(volume.reference(self.mask_from))
+            turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
+            canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
         return canon, replace(reg, seconds=time.perf_counter() - t0)
 
     @torch.inference_mode()
