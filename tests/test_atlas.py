@@ -254,6 +254,36 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     assert face_region_mni(mni[result.mask], 13.0, 63.0).all()
 
 
+def test_roll_and_yaw_are_told_from_pitch():
+    """``roll_yaw_deg`` leaves out a nod (pitch), whatever its size, and measures a turn or a roll."""
+    from deface.atlas import euler, roll_yaw_deg
+
+    assert roll_yaw_deg(euler(-30.0, 0.0, 0.0)) < 1e-6
+    assert abs(roll_yaw_deg(euler(0.0, 0.0, 20.0)) - 20.0) < 1e-6
+    assert abs(roll_yaw_deg(euler(-20.0, 15.0, 0.0)) - 15.0) < 1e-6
+    assert roll_yaw_deg(euler(-20.0, 0.0, 25.0)) > 20.0
+
+
+@pytest.mark.parametrize("tilt, turned", [((0.0, 0.0, 18.0), True), ((15.0, 0.0, 0.0), False)])
+def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
+    """The example head turned 18 degrees (yaw; within the upright registration's reach, under
+    ``atlas_upright_deg``) is resampled upright for the network; the same head nodded 15 degrees
+    (pitch, as heads lie in the scanner) keeps its axis-aligned grid."""
+    from deface.atlas import euler
+    from deface.inference import Defacer
+
+    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
+    upright = nib.load(str(EXAMPLE_HEAD))
+    rotation = np.eye(4)
+    rotation[:3, :3] = euler(*tilt)
+    _, canon, registration = defacer.prepare(nib.Nifti1Image(np.asarray(upright.dataobj), rotation @ upright.affine))
+    assert registration.status == "ok"
+    axes = canon.grid.affine[:3, :3]
+    assert np.allclose(axes, np.diag(np.diag(axes))) != turned
+
+
 def test_registration_reports_the_fit_it_was_chosen_by():
     """``Registration.mi`` is the whole-head MI the wrapper compares fits by (it is not computed twice)."""
     from deface.atlas import Head, head_mi
