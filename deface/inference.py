@@ -329,7 +329,8 @@ class Defacer:
             # at 65 degrees).
             start = head_pose(self.atlas, head)
             pose = rigid_part(start[:3, :3])
-            if rotation_deg(pose) > self.post.atlas_search_deg:
+            if (rotation_deg(pose) > self.post.atlas_search_deg
+                    or roll_yaw_deg(pose) > self.post.atlas_search_roll_yaw_deg):
                 if ref is None:
                     ref = native_intensities(volume.reference(self.mask_from))
                 seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose, cleaned=True)

@@ -73,6 +73,11 @@ class PostprocessConfig:
     # 5.9 degrees; heads are pitched, rarely turned, and the network learned them so (IXI 162 chin
     # up 20 and turned 25 degrees: registered 22 degrees off, not turned, network brain Dice 0.72).
     atlas_upright_roll_yaw_deg: float = 10.0
+    # A head the pose search finds rolled or turned more than this is registered from the search's
+    # pose too, however small its whole angle (the stroke T2 rolled 18 and turned 15 degrees: searched
+    # at 19.3, under ``atlas_search_deg``; its upright fit, MI -0.08, was kept 17 mm off and 59 % of
+    # the face surface stayed). The search's poses lie on a 5-degree lattice, hence not 10.
+    atlas_search_roll_yaw_deg: float = 12.0
     # Both margins are Euclidean (``grow``). Until 2026-12-03 they were cubes (a "4 mm" cube
     # reached 6.9 mm diagonally): with cubes, 4 mm left 0 brain voxels changed on the held-out heads;
     # with balls, 4 mm changed 6 labelled brain voxels of the tilted stroke T2 (its network brain

@@ -284,6 +284,35 @@ def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
     assert np.allclose(axes, np.diag(np.diag(axes))) != turned
 
 
+@pytest.mark.parametrize("pose, searched", [((0.0, 15.0, 0.0), True), ((15.0, 0.0, 0.0), False)])
+def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose(monkeypatch, pose, searched):
+    """A poor upright fit (MI above GOOD_FIT_MI) sends the wrapper to the pose search; a pose rolled
+    or turned 15 degrees is registered from, though under ``atlas_search_deg`` in all (a stroke T2
+    rolled 18 and turned 15 degrees kept its upright fit 17 mm off); one nodded as much is not."""
+    import deface.atlas as atlas_module
+    from deface.atlas import Registration, euler
+    from deface.inference import Defacer
+
+    starts = []
+
+    def register_atlas(atlas, image, affine, shrink=(4, 2), start=None, head=None):
+        starts.append(start)
+        return Registration(np.eye(4), "ok", 0.0, -0.1)  # upright, a poor fit
+
+    searched_pose = np.eye(4)
+    searched_pose[:3, :3] = euler(*pose)
+    monkeypatch.setattr(atlas_module, "register_atlas", register_atlas)
+    monkeypatch.setattr(atlas_module, "head_pose", lambda atlas, head: searched_pose)
+    monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, to_moving: 0.0)
+    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
+    defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
+    assert len(starts) == (2 if searched else 1)
+    if searched:
+        np.testing.assert_array_equal(starts[1], searched_pose)
+
+
 def test_registration_reports_the_fit_it_was_chosen_by():
     """``Registration.mi`` is the whole-head MI the wrapper compares fits by (it is not computed twice)."""
     from deface.atlas import Head, head_mi
