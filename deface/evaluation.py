@@ -29,7 +29,9 @@ from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
 CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
-ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", "tilted",
+# (pitch, roll, yaw) in degrees of the head moved in world space (``atlas.euler``)
+TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0)}
+ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", *TILTS,
                 "crop_chin", "crop_mouth", "crop_nose", "brain_only")
 SURFACE_MM = 10.0
 
@@ -152,7 +154,9 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
 
     ``thick_*``: 6 mm slices along the world axis named (partial-volume averaged, as 2D clinical
     scans are); ``coarse_3mm``: 3 mm voxels; ``tilted``: the head pitched 25 degrees and rolled 12
-    in world space (same array); ``crop_chin``: no neck, the field of view ends 5 mm below the
+    in world space (same array); ``turned``: chin up 20 degrees and turned 25; ``rolled``: rolled
+    18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i));
+    ``crop_chin``: no neck, the field of view ends 5 mm below the
     lowest face voxel; ``crop_mouth``: it ends halfway up the face (lips and chin cut off);
     ``crop_nose``: the anterior edge cuts 12 mm off the front of the face (nose tip gone);
     ``brain_only``: every voxel outside the brain label set to 0 (nothing may change), and its
@@ -171,11 +175,11 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         for axis in range(3):
             data, labels, affine = thicken(data, labels, affine, axis, max(1, int(round(3.0 / vs[axis]))))
         return data, labels, affine
-    if kind == "tilted":
+    if kind in TILTS:
         from deface.atlas import euler
 
         rot = np.eye(4)
-        rot[:3, :3] = euler(25.0, 12.0, 0.0)  # pitched 25 degrees, then rolled 12
+        rot[:3, :3] = euler(*TILTS[kind])
         return data, labels, rot @ affine
     if kind == "brain_only":
         brain = labels == BRAIN

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"))
     p.add_argument("--contrasts", nargs="+", default=["original"], help="original t2like pdlike flairlike unilike biased noisy")
     p.add_argument("--acquisitions", nargs="+", default=["original"],
-                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted crop_chin crop_mouth "
+                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled crop_chin crop_mouth "
                         "crop_nose brain_only, or all")
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)

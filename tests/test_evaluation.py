@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from deface import BRAIN, FACE
-from deface.evaluation import (ACQUISITIONS, CONTRASTS, acquisition_variant, axis_codes, contrast_variant, dice, hd95,
-                               near_skin, reorient, score_head, undo_reorient)
+from deface.evaluation import (ACQUISITIONS, CONTRASTS, TILTS, acquisition_variant, axis_codes, contrast_variant, dice,
+                               hd95, near_skin, reorient, score_head, undo_reorient)
 from tests.conftest import make_phantom, phantom_truth, world_points
 
 
@@ -73,7 +73,7 @@ def test_acquisition_variants_keep_labels_on_the_anatomy(kind):
     out, out_labels, aff = acquisition_variant(data, labels, img.affine, kind)
     assert out.shape == out_labels.shape and out.dtype == np.float32
     world = aff
-    if kind == "tilted":  # the head itself moved in world space: undo that rotation to find the truth
+    if kind in TILTS:  # the head itself moved in world space: undo that rotation to find the truth
         rotation = aff[:3, :3] @ np.linalg.inv(img.affine[:3, :3])
         assert np.allclose(rotation @ rotation.T, np.eye(3)) and not np.allclose(rotation, np.eye(3))
         world = np.linalg.inv(aff @ np.linalg.inv(img.affine)) @ aff
