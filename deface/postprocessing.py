@@ -71,8 +71,10 @@ class PostprocessConfig:
     # ... and so is a head the kept registration finds turned more than this about the other two
     # axes (roll and yaw, ``deface.atlas.roll_yaw_deg``): the 34 validation heads as scanned reach
     # 5.9 degrees; heads are pitched, rarely turned, and the network learned them so (IXI 162 chin
-    # up 20 and turned 25 degrees: registered 22 degrees off, not turned, network brain Dice 0.72).
-    atlas_upright_roll_yaw_deg: float = 10.0
+    # up 20 and turned 25 degrees: registered 22 degrees off, not turned, network brain Dice 0.72;
+    # 0.95 turned at 10). Off by default (180): at 10, that head made FLAIR-like lost 72 labelled
+    # brain voxels (0 of deepbet's, 0 unturned); see docs/evaluation.md 2026-12-05 (i).
+    atlas_upright_roll_yaw_deg: float = 180.0
     # A head the pose search finds rolled or turned more than this is registered from the search's
     # pose too, however small its whole angle (the stroke T2 rolled 18 and turned 15 degrees: searched
     # at 19.3, under ``atlas_search_deg``; its upright fit, MI -0.08, was kept 17 mm off and 59 % of

@@ -266,14 +266,15 @@ def test_roll_and_yaw_are_told_from_pitch():
 
 @pytest.mark.parametrize("tilt, turned", [((0.0, 0.0, 18.0), True), ((15.0, 0.0, 0.0), False)])
 def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
-    """The example head turned 18 degrees (yaw; within the upright registration's reach, under
-    ``atlas_upright_deg``) is resampled upright for the network; the same head nodded 15 degrees
-    (pitch, as heads lie in the scanner) keeps its axis-aligned grid."""
+    """With ``atlas_upright_roll_yaw_deg`` at 10 (off by default), the example head turned 18 degrees
+    (yaw; within the upright registration's reach, under ``atlas_upright_deg``) is resampled upright
+    for the network; the same head nodded 15 degrees (pitch, as heads lie in the scanner) keeps its
+    axis-aligned grid."""
     from deface.atlas import euler
     from deface.inference import Defacer
 
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
-            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_upright_roll_yaw_deg": 10.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
     upright = nib.load(str(EXAMPLE_HEAD))
     rotation = np.eye(4)
