@@ -341,8 +341,8 @@ class Defacer:
                 # the outline must look tilted too: a steep FLAIR's was upright (s19, registered 31 deg)
                 far = reg.to_atlas is not None and (rotation_deg(rigid_part(reg.to_atlas[:3, :3]))
                                                     > self.post.atlas_upright_deg)
-        # A head turned or rolled is turned upright however it was registered: heads as scanned are
-        # pitched, seldom turned, and the network learned them so.
+        # With ``atlas_upright_roll_yaw_deg`` set (off by default), a head rolled or turned is seen
+        # upright however it was registered: heads as scanned are nodded, seldom turned.
         turn = rigid_part(reg.to_atlas[:3, :3]) if reg.to_atlas is not None else np.eye(3)
         if far or roll_yaw_deg(turn) > self.post.atlas_upright_roll_yaw_deg:
             if ref is None:
