@@ -24,8 +24,8 @@ import torch
 
 from deface import MODES, io
 from deface.network import build_network, downsampling_factor
-from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, filled_tissue_ml, grow,
-                                  looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
+from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, cut_band, filled_tissue_ml,
+                                  grow, looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
                                   to_native)
 from deface.preprocessing import CanonicalInput, Grid, native_intensities, to_canonical, voxel_sizes
 
@@ -61,6 +61,7 @@ class Regions:
     allowed: torch.Tensor | None = None  # the registered face region + margins: nothing removed outside
     complete: torch.Tensor | None = None  # tissue in the face region: removed where not protected
     ears: torch.Tensor | None = None  # the registered ear region in the field of view: removed likewise
+    brain_beyond_reach_ml: float = 0.0  # the network's brain beyond ``atlas_network_reach_mm`` over the face
 
     def removal(self) -> CanonicalMasks:
         """The network's masks with the atlas brain protected, removal kept to the allowed region,
@@ -400,6 +401,7 @@ class Defacer:
             "face_ml_predicted": round(masks.face_ml, 2),
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
             "atlas_margin_front_mm": regions.atlas_margin_mm,
+            "brain_beyond_reach_ml": round(regions.brain_beyond_reach_ml, 2),
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -445,9 +447,21 @@ class Defacer:
             regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, front)
             regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,
                                                                self.post.atlas_face_bottom_margin_mm))
+            protect = masks.protect
             if self.post.atlas_network_reach_mm > 0:
                 beyond = regions.allowed & front & ~grow(guard, self.post.atlas_network_reach_mm, self.spacing)
-                regions.network = replace(masks, protect=masks.protect & ~beyond)
+                if masks.brain is not None:
+                    regions.brain_beyond_reach_ml = float((masks.brain & beyond).sum()) * self.spacing**3 / 1000.0
+                if regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml:
+                    protect = protect & ~beyond
+                else:  # the registration is off over the face: the network's brain alone protects it,
+                    # more widely near a cut field of view, where the network sees the anatomy cut off
+                    band = cut_band(canon.inside, self.post, self.spacing)
+                    if band is not None and masks.brain is not None:
+                        near_cut = band & regions.allowed & front
+                        protect = protect | (grow(masks.brain, self.post.cut_brain_margin_mm, self.spacing) & near_cut)
+            if protect is not masks.protect:
+                regions.network = replace(masks, remove=masks.remove & ~protect, protect=protect)
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
                 tissue = tissue_signal(canon.image[0], canon.inside, self.post)
                 regions.complete = torch.from_numpy(face_region_mni(mni)) & tissue

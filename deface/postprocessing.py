@@ -135,6 +135,17 @@ class PostprocessConfig:
     # brain in the face region lay within 4.9 mm of the atlas brain (26 validation heads and 3 cut
     # at the mouth, a probe): 8 mm leaves 3 mm (docs/evaluation.md, 2026-12-05 (c)).
     atlas_network_reach_mm: float = 8.0
+    # ... unless more than ``atlas_network_reach_max_ml`` of the network's brain lies beyond that
+    # reach (``brain_beyond_reach_ml`` in the stats): then the registration is taken to be off over
+    # the face and the network's brain + margin protects there, within ``cut_band_mm`` of the edge
+    # of the field of view by ``cut_brain_margin_mm`` (there the network sees the anatomy cut off).
+    # IXI 052 chin up 20 degrees, turned 25 and cut at the mouth: 83 mL beyond, registered 10-20 mm
+    # off, 14,859 labelled brain voxels changed; 0 now. Heads merely turned reach 49 mL with the
+    # registration right and the network confused (a gate at 5 mL kept niivue's face: surface 0.10 ->
+    # 0.24), the other suites 3.1 mL; docs/evaluation.md 2026-12-05 (j).
+    atlas_network_reach_max_ml: float = 60.0
+    cut_band_mm: float = 12.0
+    cut_brain_margin_mm: float = 10.0
 
 
 @dataclass
@@ -145,6 +156,7 @@ class CanonicalMasks:
     face_found: bool
     brain_only: bool = False
     brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the registered atlas brain
+    brain: torch.Tensor | None = None  # (X, Y, Z) bool: the network's brain that ``protect`` is grown from
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -200,6 +212,13 @@ def ball_dilate(mask: torch.Tensor, limit: float) -> torch.Tensor:
                 box = ndi.maximum_filter1d(box, 2 * half + 1, axis=axis, mode="constant")
         out |= box
     return torch.from_numpy(out.view(bool))
+
+
+def cut_band(inside: torch.Tensor, cfg: PostprocessConfig, spacing: float) -> torch.Tensor | None:
+    """The voxels of the field of view ``inside`` within ``cut_band_mm`` of its edge (None: off)."""
+    if cfg.cut_band_mm <= 0:
+        return None
+    return inside & grow(~inside, cfg.cut_band_mm, spacing)
 
 
 def drop_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -359,13 +378,13 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
         brain_only = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     brain_only = found and brain_only
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, brain_like)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
-    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml)
+    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml, brain=brain_like)
 
 
 def protect_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:

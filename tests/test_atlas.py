@@ -475,7 +475,8 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     """A network whose brain spills 8 mm past the real one (as on heads cut at the mouth) keeps the
     face over it through its margin (``atlas_network_reach_mm=0``); with a reach (here 7 mm, default
     8) that protection stops at that distance from the registered atlas brain in front, more face
-    goes, and no voxel within 4 mm of the brain changes."""
+    goes, and no voxel within 4 mm of the brain changes; unless more of the network's brain than
+    ``atlas_network_reach_max_ml`` lies beyond the reach."""
     from deface import BRAIN
     from deface.anatomy import voxel_world
     from deface.atlas import brain_on_grid
@@ -484,8 +485,8 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
 
     img = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
     results = []
-    for reach in (0.0, 7.0):
-        defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach)
+    for reach, most_ml in ((0.0, 1e9), (7.0, 1e9), (7.0, 0.5)):
+        defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach, atlas_network_reach_max_ml=most_ml, cut_band_mm=0.0)
         volume, canon, registration = defacer.prepare(img)
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
         tissue = canon.image[0] > 0.1
@@ -496,13 +497,53 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
         probs[FACE] = (tissue & ~spill & torch.from_numpy(world[..., 1] > 0)).float()
         probs[BACKGROUND] = 1 - probs[BRAIN] - probs[FACE]
         results.append(defacer.apply(volume, canon, probs, registration))
-    free, capped = results
+    free, capped, doubted = results
     assert capped.mask.sum() > free.mask.sum() + 500
+    # more than atlas_network_reach_max_ml of the network's brain beyond the reach: the registration
+    # is not trusted over the face, and the network's protection stands whole
+    assert capped.stats["brain_beyond_reach_ml"] > 0.5 and np.array_equal(doubted.mask, free.mask)
     native = Grid(tuple(img.shape), img.affine)
     near_brain = grow(brain_on_grid(defacer.atlas, registration.to_atlas, native, 0.5), 4.0, 2.0).numpy()  # 2 mm
     assert not (capped.mask & near_brain).any() and capped.stats["brain_voxels_changed"] == 0
     gained = voxel_world(img.shape, registration.to_atlas @ img.affine)[capped.mask & ~free.mask]
     assert (gained[:, 1] >= defacer.post.atlas_front_y_mm - 3).all()  # only in front
+
+
+def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin():
+    """With the registration doubted over the face (more network brain beyond the reach than
+    ``atlas_network_reach_max_ml``: here any), the network's brain protects there; near a field of
+    view cut (here through the face at MNI z = -30 mm), where the network sees the anatomy cut off,
+    it keeps ``cut_brain_margin_mm`` within ``cut_band_mm`` of the edge; away from the cut nothing
+    changes."""
+    import dataclasses
+
+    from deface import BRAIN
+    from deface.atlas import atlas_points, brain_on_grid
+    from deface.postprocessing import cut_band, grow
+
+    img = nib.load(str(EXAMPLE_HEAD))
+    removed = {}
+    for band_mm in (0.0, 12.0):
+        defacer = tiny_atlas_defacer(atlas_network_reach_mm=7.0, atlas_network_reach_max_ml=0.0, cut_band_mm=band_mm,
+                                     cut_brain_margin_mm=10.0)
+        volume, canon, registration = defacer.prepare(img)
+        brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
+        tissue = canon.image[0] > 0.1
+        spill = grow(brain, 8.0, 2.0) & tissue
+        world = world_points(canon.grid.shape, canon.grid.affine)
+        cut = torch.from_numpy(world[..., 2] > -30.0)  # the field of view ends at MNI z = -30 mm
+        canon = dataclasses.replace(canon, inside=canon.inside & cut)
+        probs = torch.zeros((3, *tissue.shape))
+        probs[BRAIN] = spill.float()
+        probs[FACE] = (tissue & ~spill & torch.from_numpy(world[..., 1] > 0)).float()
+        probs[BACKGROUND] = 1 - probs[BRAIN] - probs[FACE]
+        removed[band_mm] = defacer.regions(canon, probs, registration.to_atlas).removal().remove
+        band = cut_band(canon.inside, dataclasses.replace(defacer.post, cut_band_mm=12.0), 2.0)
+    front = torch.from_numpy(atlas_points(registration.to_atlas, canon.grid)[..., 1] >= defacer.post.atlas_front_y_mm)
+    near_cut_and_spill = band & grow(spill, 10.0, 2.0) & front
+    assert (removed[0.0] & near_cut_and_spill).sum() > 20  # the reach rule carved into the wider margin
+    assert not (removed[12.0] & near_cut_and_spill).any()
+    assert torch.equal(removed[0.0] & ~band, removed[12.0] & ~band)  # away from the cut: the same
 
 
 def test_the_full_resolution_level_on_a_cropped_grid_gives_the_whole_grids_transform(monkeypatch):
