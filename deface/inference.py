@@ -62,6 +62,7 @@ class Regions:
     complete: torch.Tensor | None = None  # tissue in the face region: removed where not protected
     ears: torch.Tensor | None = None  # the registered ear region in the field of view: removed likewise
     brain_beyond_reach_ml: float = 0.0  # the network's brain beyond ``atlas_network_reach_mm`` over the face
+    brain_beyond_reach_cut_ml: float = 0.0  # ... of it within ``cut_band_mm`` of the field of view's edge
 
     def removal(self) -> CanonicalMasks:
         """The network's masks with the atlas brain protected, removal kept to the allowed region,
@@ -402,6 +403,7 @@ class Defacer:
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
             "atlas_margin_front_mm": regions.atlas_margin_mm,
             "brain_beyond_reach_ml": round(regions.brain_beyond_reach_ml, 2),
+            "brain_beyond_reach_cut_ml": round(regions.brain_beyond_reach_cut_ml, 2),
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -450,13 +452,17 @@ class Defacer:
             protect = masks.protect
             if self.post.atlas_network_reach_mm > 0:
                 beyond = regions.allowed & front & ~grow(guard, self.post.atlas_network_reach_mm, self.spacing)
+                band = cut_band(canon.inside, self.post, self.spacing)
                 if masks.brain is not None:
-                    regions.brain_beyond_reach_ml = float((masks.brain & beyond).sum()) * self.spacing**3 / 1000.0
-                if regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml:
+                    ml = self.spacing**3 / 1000.0
+                    regions.brain_beyond_reach_ml = float((masks.brain & beyond).sum()) * ml
+                    if band is not None:
+                        regions.brain_beyond_reach_cut_ml = float((masks.brain & beyond & band).sum()) * ml
+                if (regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml
+                        and regions.brain_beyond_reach_cut_ml <= self.post.atlas_network_reach_cut_max_ml):
                     protect = protect & ~beyond
                 else:  # the registration is off over the face: the network's brain alone protects it,
                     # more widely near a cut field of view, where the network sees the anatomy cut off
-                    band = cut_band(canon.inside, self.post, self.spacing)
                     if band is not None and masks.brain is not None:
                         near_cut = band & regions.allowed & front
                         protect = protect | (grow(masks.brain, self.post.cut_brain_margin_mm, self.spacing) & near_cut)

@@ -136,14 +136,18 @@ class PostprocessConfig:
     # at the mouth, a probe): 8 mm leaves 3 mm (docs/evaluation.md, 2026-12-05 (c)).
     atlas_network_reach_mm: float = 8.0
     # ... unless more than ``atlas_network_reach_max_ml`` of the network's brain lies beyond that
-    # reach (``brain_beyond_reach_ml`` in the stats): then the registration is taken to be off over
-    # the face and the network's brain + margin protects there, within ``cut_band_mm`` of the edge
-    # of the field of view by ``cut_brain_margin_mm`` (there the network sees the anatomy cut off).
-    # IXI 052 chin up 20 degrees, turned 25 and cut at the mouth: 83 mL beyond, registered 10-20 mm
-    # off, 14,859 labelled brain voxels changed; 0 now. Heads merely turned reach 49 mL with the
-    # registration right and the network confused (a gate at 5 mL kept niivue's face: surface 0.10 ->
-    # 0.24), the other suites 3.1 mL; docs/evaluation.md 2026-12-05 (j).
+    # reach (``brain_beyond_reach_ml`` in the stats), or more than ``atlas_network_reach_cut_max_ml``
+    # of it within ``cut_band_mm`` of the edge of the field of view (``brain_beyond_reach_cut_ml``:
+    # the registration extrapolated past a cut): then the registration is taken to be off over the
+    # face and the network's brain + margin protects there, by ``cut_brain_margin_mm`` within
+    # ``cut_band_mm`` of the edge (there the network sees the anatomy cut off). Heads chin up 20
+    # degrees, turned 25 and cut at the mouth: IXI 052 83 mL beyond, registered 10-20 mm off, 14,859
+    # labelled brain voxels changed; IXI 012 14 mL beyond, 2.0 of it at the cut, 775 voxels; 0 now.
+    # Heads merely turned reach 49 mL beyond with the registration right and the network confused (a
+    # gate at 5 mL kept niivue's face: surface 0.10 -> 0.24), none at a cut; the other suites 3.5 mL,
+    # at a cut 0.53 mL; docs/evaluation.md 2026-12-05 (j).
     atlas_network_reach_max_ml: float = 60.0
+    atlas_network_reach_cut_max_ml: float = 1.0
     cut_band_mm: float = 12.0
     cut_brain_margin_mm: float = 10.0
 

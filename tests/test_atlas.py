@@ -509,12 +509,13 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     assert (gained[:, 1] >= defacer.post.atlas_front_y_mm - 3).all()  # only in front
 
 
-def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin():
+@pytest.mark.parametrize("doubt", [{"atlas_network_reach_max_ml": 0.0}, {"atlas_network_reach_cut_max_ml": 0.0}])
+def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin(doubt):
     """With the registration doubted over the face (more network brain beyond the reach than
-    ``atlas_network_reach_max_ml``: here any), the network's brain protects there; near a field of
-    view cut (here through the face at MNI z = -30 mm), where the network sees the anatomy cut off,
-    it keeps ``cut_brain_margin_mm`` within ``cut_band_mm`` of the edge; away from the cut nothing
-    changes."""
+    ``atlas_network_reach_max_ml``, or more of it near a cut than ``atlas_network_reach_cut_max_ml``:
+    here any), the network's brain protects there; near a field of view cut (here through the face at
+    MNI z = -30 mm), where the network sees the anatomy cut off, it keeps ``cut_brain_margin_mm``
+    within ``cut_band_mm`` of the edge; away from the cut nothing changes."""
     import dataclasses
 
     from deface import BRAIN
@@ -524,8 +525,8 @@ def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin():
     img = nib.load(str(EXAMPLE_HEAD))
     removed = {}
     for band_mm in (0.0, 12.0):
-        defacer = tiny_atlas_defacer(atlas_network_reach_mm=7.0, atlas_network_reach_max_ml=0.0, cut_band_mm=band_mm,
-                                     cut_brain_margin_mm=10.0)
+        defacer = tiny_atlas_defacer(atlas_network_reach_mm=7.0, cut_band_mm=band_mm, cut_brain_margin_mm=10.0,
+                                     **(doubt if band_mm else {"atlas_network_reach_max_ml": 0.0}))
         volume, canon, registration = defacer.prepare(img)
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
         tissue = canon.image[0] > 0.1
@@ -537,11 +538,13 @@ def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin():
         probs[BRAIN] = spill.float()
         probs[FACE] = (tissue & ~spill & torch.from_numpy(world[..., 1] > 0)).float()
         probs[BACKGROUND] = 1 - probs[BRAIN] - probs[FACE]
-        removed[band_mm] = defacer.regions(canon, probs, registration.to_atlas).removal().remove
+        regions = defacer.regions(canon, probs, registration.to_atlas)
+        removed[band_mm] = regions.removal().remove
         band = cut_band(canon.inside, dataclasses.replace(defacer.post, cut_band_mm=12.0), 2.0)
+    assert regions.brain_beyond_reach_cut_ml > 0
     front = torch.from_numpy(atlas_points(registration.to_atlas, canon.grid)[..., 1] >= defacer.post.atlas_front_y_mm)
     near_cut_and_spill = band & grow(spill, 10.0, 2.0) & front
-    assert (removed[0.0] & near_cut_and_spill).sum() > 20  # the reach rule carved into the wider margin
+    assert (removed[0.0] & near_cut_and_spill).sum() > 20  # the plain margin: face removed within 10 mm
     assert not (removed[12.0] & near_cut_and_spill).any()
     assert torch.equal(removed[0.0] & ~band, removed[12.0] & ~band)  # away from the cut: the same
 
