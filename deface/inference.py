@@ -452,12 +452,13 @@ class Defacer:
             protect = masks.protect
             if self.post.atlas_network_reach_mm > 0:
                 beyond = regions.allowed & front & ~grow(guard, self.post.atlas_network_reach_mm, self.spacing)
-                band = cut_band(canon.inside, self.post, self.spacing)
-                if masks.brain is not None:
+                band = None  # found only where the network has brain beyond the reach (most heads: none)
+                if masks.brain is not None and bool((brain_beyond := masks.brain & beyond).any()):
                     ml = self.spacing**3 / 1000.0
-                    regions.brain_beyond_reach_ml = float((masks.brain & beyond).sum()) * ml
+                    regions.brain_beyond_reach_ml = float(brain_beyond.sum()) * ml
+                    band = cut_band(canon.inside, self.post, self.spacing)
                     if band is not None:
-                        regions.brain_beyond_reach_cut_ml = float((masks.brain & beyond & band).sum()) * ml
+                        regions.brain_beyond_reach_cut_ml = float((brain_beyond & band).sum()) * ml
                 if (regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml
                         and regions.brain_beyond_reach_cut_ml <= self.post.atlas_network_reach_cut_max_ml):
                     protect = protect & ~beyond
