@@ -462,11 +462,10 @@ class Defacer:
                 if (regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml
                         and regions.brain_beyond_reach_cut_ml <= self.post.atlas_network_reach_cut_max_ml):
                     protect = protect & ~beyond
-                else:  # the registration is off over the face: the network's brain alone protects it,
-                    # more widely near a cut field of view, where the network sees the anatomy cut off
-                    if band is not None and masks.brain is not None:
-                        near_cut = band & regions.allowed & front
-                        protect = protect | (grow(masks.brain, self.post.cut_brain_margin_mm, self.spacing) & near_cut)
+                elif band is not None:  # the registration is off over the face: the network's brain alone
+                    # protects it, more widely near a cut field of view, where the network sees the anatomy cut off
+                    near_cut = band & regions.allowed & front
+                    protect = protect | (grow(masks.brain, self.post.cut_brain_margin_mm, self.spacing) & near_cut)
             if protect is not masks.protect:
                 regions.network = replace(masks, remove=masks.remove & ~protect, protect=protect)
             if self.post.atlas_complete and masks.face_found:  # completes a face, never starts one
