@@ -161,9 +161,17 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     ``crop_nose``: the anterior edge cuts 12 mm off the front of the face (nose tip gone);
     ``brain_only``: every voxel outside the brain label set to 0 (nothing may change), and its
     label too: there is no face left, and ``contrast_variant`` must not light the empty head up
-    (its T2-like version was a bright solid head around an inverted brain until 2026-12-04 (d)).
+    (its T2-like version was a bright solid head around an inverted brain until 2026-12-04 (d));
+    ``regrid``: the same head resampled onto a grid along the world axes (``regrid``).
+    Steps compose with "+", in order: ``tilted+crop_mouth`` is a slab planned on a tilted head (cut
+    along its own axes, stored obliquely), ``tilted+regrid+crop_mouth`` a tilted head cut by a
+    straight field of view.
     """
     data = data.astype(np.float32)
+    if "+" in kind:  # composed: each step in order, e.g. "tilted+crop_mouth" (a slab planned on a tilted head)
+        for step in kind.split("+"):
+            data, labels, affine = acquisition_variant(data, labels, affine, step)
+        return data, labels, affine
     if kind == "original":
         return data, labels, affine
     vs = voxel_sizes(affine)
@@ -181,6 +189,8 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         rot = np.eye(4)
         rot[:3, :3] = euler(*TILTS[kind])
         return data, labels, rot @ affine
+    if kind == "regrid":
+        return regrid(data, labels, affine)
     if kind == "brain_only":
         brain = labels == BRAIN
         return np.where(brain, data, 0).astype(np.float32), np.where(brain, labels, 0).astype(labels.dtype), affine
@@ -198,6 +208,27 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         step_a = voxel_sizes(affine)[world_axis(affine, "A")[0]]
         return crop_along(data, labels, affine, "A", 0, front - int(round(12.0 / step_a)))
     raise ValueError(f"unknown acquisition {kind!r}; one of {ACQUISITIONS}")
+
+
+def regrid(data: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, labels, affine) resampled onto a grid along the world axes covering the image, each
+    world axis at the voxel size of the voxel axis nearest it: a head tilted in the scanner and
+    imaged with a straight field of view (``tilted+regrid+crop_mouth``: cut across the world axes,
+    obliquely across the head)."""
+    from deface.preprocessing import acquisition_rotation, world_bbox
+
+    frame = acquisition_rotation(affine)  # world -> voxel-axes frame; its rows pair world and voxel axes
+    nearest = np.argmax(np.abs(frame @ (np.asarray(affine, float)[:3, :3] / voxel_sizes(affine))), axis=1)
+    sizes = voxel_sizes(affine)[nearest]
+    lo, hi = world_bbox(Grid(tuple(data.shape[:3]), affine))
+    shape = tuple(int(n) for n in np.floor((hi - lo) / sizes + 1e-6).astype(int) + 1)
+    out_affine = np.eye(4)
+    out_affine[:3, :3] = np.diag(sizes)
+    out_affine[:3, 3] = lo
+    grid = Grid(shape, out_affine)
+    image = resample(torch.from_numpy(np.ascontiguousarray(data, np.float32))[None], affine, grid)[0].numpy()
+    lab = resample(torch.from_numpy(labels.astype(np.float32))[None], affine, grid, mode="nearest")[0].numpy()
+    return image, lab.astype(labels.dtype), out_affine
 
 
 def axis_codes() -> list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]]:

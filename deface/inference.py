@@ -27,7 +27,8 @@ from deface.network import build_network, downsampling_factor
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, cut_band, filled_tissue_ml,
                                   grow, looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
                                   to_native)
-from deface.preprocessing import CanonicalInput, Grid, native_intensities, to_canonical, voxel_sizes
+from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities, to_canonical,
+                                  voxel_sizes)
 
 if TYPE_CHECKING:
     from deface.atlas import Registration
@@ -483,12 +484,27 @@ class Defacer:
         upright for it). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
+        if (looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0])
+                and self.skull_stripped_as_acquired(volume)):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         turned, registration = self.register(volume, canon)
         if turned is not canon:
             probs = self.predict([turned])[0]
         return turned, probs, registration
+
+    def skull_stripped_as_acquired(self, volume: io.Volume) -> bool:
+        """Whether an image the first pass (on world axes) called skull-stripped still looks so to
+        the network on a grid along its own voxel axes (``acquisition_rotation``): True without
+        asking when those lie within ``brain_only_oblique_deg`` of the world axes (the same view)."""
+        from deface.atlas import rotation_deg
+
+        rotation = acquisition_rotation(volume.affine)
+        if rotation_deg(rotation) <= self.post.brain_only_oblique_deg:
+            return True
+        ref = native_intensities(volume.reference(self.mask_from))
+        seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rotation, cleaned=True)
+        probs = self.predict([seen])[0]
+        return looks_skull_stripped(probs, self.spacing, self.post, seen.inside, seen.image[0])
 
     def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor
                          ) -> tuple[torch.Tensor, float]:

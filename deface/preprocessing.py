@@ -8,6 +8,7 @@ which handles all 48 axis codes and oblique affines with one code path.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,21 @@ class Grid:
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths (mm) along each array axis."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def acquisition_rotation(affine: np.ndarray) -> np.ndarray:
+    """The rotation (3x3, world -> grid axes, as ``canonical_grid`` takes it) that lines a grid up
+    with the image's own voxel axes, each taken as the world axis it is closest to: the identity
+    for an image stored along the world axes, the obliquity of a slab planned on the head."""
+    directions = np.asarray(affine, float)[:3, :3] / voxel_sizes(affine)
+    # world axis i of voxel axis j: the pairing most aligned overall (each world axis once)
+    pairing = max(itertools.permutations(range(3)), key=lambda p: sum(abs(directions[p[j], j]) for j in range(3)))
+    frame = np.zeros((3, 3))
+    for j, i in enumerate(pairing):
+        frame[:, i] = np.sign(directions[i, j]) * directions[:, j]
+    u, _, vt = np.linalg.svd(frame)  # the nearest rotation: voxel axes need not be orthogonal
+    frame = u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
+    return frame.T
 
 
 def world_bbox(grid: Grid) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ Columns: network Dice (face, brain) and face HD95 on the native grid, recall of 
 tissue removed by the full wrapper (all of it, and within 10 mm of the skin), labelled brain
 voxels the wrapper changed (must be 0), volume removed and volume changed (0 for brain_only).
 ``--acquisitions`` re-acquires each head (thick slices, coarse voxels, tilt, cut fields of view,
-skull-stripped; ``deface.evaluation.acquisition_variant``) before the contrast is changed. ``--orientations`` prints the world-space Dice of the removal mask for all 48
+skull-stripped, composed as ``tilted+crop_mouth``; ``deface.evaluation.acquisition_variant``) before the contrast is changed. ``--orientations`` prints the world-space Dice of the removal mask for all 48
 axis orders of one head against its stored order.
 
 ``--attack`` adds the re-identification attack (deface.attack; needs the qc extra): frontal face
@@ -61,7 +61,8 @@ def independent_variant(indep: np.ndarray, labels: np.ndarray, affine: np.ndarra
     acquisition ``acq`` (the crops follow the labels); a skull-stripped variant keeps it whole."""
     from deface.evaluation import acquisition_variant
 
-    return indep if acq == "brain_only" else acquisition_variant(indep.astype(np.float32), labels, affine, acq)[0] >= 0.5
+    geometry = "+".join(step for step in acq.split("+") if step != "brain_only") or "original"
+    return acquisition_variant(indep.astype(np.float32), labels, affine, geometry)[0] >= 0.5
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contrasts", nargs="+", default=["original"], help="original t2like pdlike flairlike unilike biased noisy")
     p.add_argument("--acquisitions", nargs="+", default=["original"],
                    help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled crop_chin crop_mouth "
-                        "crop_nose brain_only, or all")
+                        "crop_nose brain_only regrid, or all; steps compose with +, e.g. tilted+crop_mouth")
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")

@@ -398,6 +398,48 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
 
 
+def test_an_oblique_image_called_skull_stripped_is_judged_again_along_its_own_voxel_axes(monkeypatch):
+    """The network learned heads near upright: a slab planned on a tilted head (stored obliquely, cut
+    at the mouth along the head's own axes) looked skull-stripped on the world-axis grid. Such an
+    image is looked at again on a grid along its voxel axes (there upright), and registered unless
+    that view says skull-stripped too; an image stored along the world axes is asked once."""
+    from types import SimpleNamespace
+
+    import deface.inference
+    from deface import io
+    from deface.atlas import Registration, euler
+    from deface.inference import NOT_NEEDED
+
+    defacer = tiny_atlas_defacer()
+    head = nib.load(str(EXAMPLE_HEAD))
+    tilt = np.eye(4)
+    tilt[:3, :3] = euler(25.0, 12.0, 0.0)
+    data = np.asarray(head.dataobj, np.float32)
+    oblique = io.from_image(nib.Nifti1Image(data, tilt @ head.affine))
+    permuted = io.from_image(nib.Nifti1Image(data, head.affine).as_reoriented(np.array([[2, 1], [0, -1], [1, 1]])))
+    canon, probs = SimpleNamespace(inside=None, image=[None]), torch.zeros(1)
+    seen, verdicts, registered = [], [], []
+    real_predict = defacer.predict
+    monkeypatch.setattr(defacer, "predict", lambda inputs: seen.extend(inputs) or real_predict(inputs))
+    monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: verdicts.pop(0))
+    monkeypatch.setattr(defacer, "register", lambda volume, c: registered.append(volume) or (c, Registration(np.eye(4), "ok", 0.0)))
+
+    verdicts[:] = [True, False]  # skull-stripped on world axes, a head along the voxel axes: registered
+    _, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
+    assert registration.status == "ok" and registered == [oblique] and not verdicts
+    assert len(seen) == 1  # the second view's grid runs along the voxel axes: the head upright in it
+    np.testing.assert_allclose(seen[0].grid.affine[:3, :3] / defacer.spacing, tilt[:3, :3], atol=1e-6)
+    verdicts[:] = [True, True]  # skull-stripped in both views: left alone
+    _, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
+    assert registration.status == NOT_NEEDED and len(registered) == 1 and not verdicts
+    verdicts[:], seen[:] = [True], []  # stored along the world axes (permuted, flipped): one view only
+    _, _, registration = defacer.register_unless_brain_only(permuted, canon, probs)
+    assert registration.status == NOT_NEEDED and not seen and not verdicts
+    verdicts[:] = [False]  # a head on the first view is registered without a second
+    defacer.register_unless_brain_only(oblique, canon, probs)
+    assert len(registered) == 2 and not seen
+
+
 def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
     """A head small enough to be deferred (here by raising ``brain_only_max_tissue_ml``) that the
     network does not call brain-only is registered in ``apply``: same registration, same mask as

@@ -117,3 +117,27 @@ def test_brain_gap_is_the_distance_from_the_changes_to_the_brain():
     assert brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0]), cap_mm=10.0) == 10.0
     changed[9, 0, 0] = True  # a brain voxel changed
     assert brain_gap_mm(changed, brain, np.array([2.0, 1.0, 1.0])) == 0.0
+
+
+def test_composed_acquisitions_apply_their_steps_in_order_and_regrid_keeps_the_anatomy():
+    """``a+b`` is ``b`` of ``a``; ``regrid`` stores the head on a grid along the world axes at its
+    own voxel sizes, its labels still where the anatomy is, and then a cut runs across the world."""
+    from deface.preprocessing import Grid, fov_mask
+
+    img = make_phantom(shape=(80, 100, 90), zooms=(2.0, 2.0, 2.0), angle_deg=20.0)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    labels = phantom_truth(world_points(img.shape, img.affine))
+    tilted = acquisition_variant(data, labels, img.affine, "tilted")
+    for composed, stepwise in zip(acquisition_variant(data, labels, img.affine, "tilted+crop_mouth"),
+                                  acquisition_variant(*tilted, "crop_mouth")):
+        np.testing.assert_array_equal(composed, stepwise)
+    out, out_labels, aff = acquisition_variant(data, labels, img.affine, "tilted+regrid")
+    np.testing.assert_allclose(aff[:3, :3], np.diag([2.0, 2.0, 2.0]))
+    inside = fov_mask(tilted[2], data.shape, Grid(out.shape, aff)).numpy()
+    assert out[~inside].max() == 0 and (out_labels[~inside] == 0).all()
+    world = np.linalg.inv(tilted[2] @ np.linalg.inv(img.affine)) @ aff  # the tilt undone: the phantom's frame
+    truth = phantom_truth(world_points(out.shape, world))
+    assert (out_labels[inside] == truth[inside]).mean() > 0.97
+    _, cut_labels, cut_aff = acquisition_variant(data, labels, img.affine, "tilted+regrid+crop_mouth")
+    np.testing.assert_allclose(cut_aff[:3, :3], aff[:3, :3])
+    assert 0.1 * (out_labels == FACE).sum() < (cut_labels == FACE).sum() < 0.9 * (out_labels == FACE).sum()
