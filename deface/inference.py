@@ -481,30 +481,38 @@ class Defacer:
         """The registration ``prepare`` deferred: none for an image the network's masks call
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
-        upright for it). Returns (canon, probs, registration) for ``apply``."""
-        from deface.atlas import Registration
+        upright for it). An image stored obliquely is called skull-stripped only if it looks so on
+        a grid along its own voxel axes too (``acquisition_view``); if there it looks like a head,
+        that view is the network's and the registration's grid. Returns (canon, probs,
+        registration) for ``apply``."""
+        from deface.atlas import Registration, register_atlas
 
-        if (looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0])
-                and self.skull_stripped_as_acquired(volume)):
+        if not looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
+            turned, registration = self.register(volume, canon)
+            if turned is not canon:
+                probs = self.predict([turned])[0]
+            return turned, probs, registration
+        seen = self.acquisition_view(volume)
+        if seen is None:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        turned, registration = self.register(volume, canon)
-        if turned is not canon:
-            probs = self.predict([turned])[0]
-        return turned, probs, registration
+        seen_probs = self.predict([seen])[0]
+        if looks_skull_stripped(seen_probs, self.spacing, self.post, seen.inside, seen.image[0]):
+            return canon, probs, Registration(None, NOT_NEEDED, 0.0)
+        # registered from upright on that grid, as a head as scanned is on the world's
+        return seen, seen_probs, register_atlas(self.atlas, registration_image(seen), seen.grid.affine)
 
-    def skull_stripped_as_acquired(self, volume: io.Volume) -> bool:
-        """Whether an image the first pass (on world axes) called skull-stripped still looks so to
-        the network on a grid along its own voxel axes (``acquisition_rotation``): True without
-        asking when those lie within ``brain_only_oblique_deg`` of the world axes (the same view)."""
+    def acquisition_view(self, volume: io.Volume) -> CanonicalInput | None:
+        """The network input on a grid along the image's own voxel axes (``acquisition_rotation``),
+        or None when those lie within ``brain_only_oblique_deg`` of the world axes (the usual view).
+        A slab is planned on the head: the network, which learned heads near upright, called the
+        scalp of heads tilted 23-32 degrees and cut at the mouth brain on the world-axis grid."""
         from deface.atlas import rotation_deg
 
         rotation = acquisition_rotation(volume.affine)
         if rotation_deg(rotation) <= self.post.brain_only_oblique_deg:
-            return True
+            return None
         ref = native_intensities(volume.reference(self.mask_from))
-        seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rotation, cleaned=True)
-        probs = self.predict([seen])[0]
-        return looks_skull_stripped(probs, self.spacing, self.post, seen.inside, seen.image[0])
+        return to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rotation, cleaned=True)
 
     def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor
                          ) -> tuple[torch.Tensor, float]:

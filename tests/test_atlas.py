@@ -401,10 +401,12 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
 def test_an_oblique_image_called_skull_stripped_is_judged_again_along_its_own_voxel_axes(monkeypatch):
     """The network learned heads near upright: a slab planned on a tilted head (stored obliquely, cut
     at the mouth along the head's own axes) looked skull-stripped on the world-axis grid. Such an
-    image is looked at again on a grid along its voxel axes (there upright), and registered unless
-    that view says skull-stripped too; an image stored along the world axes is asked once."""
+    image is looked at again on a grid along its voxel axes (there upright); unless that view says
+    skull-stripped too, it is the network's view and the atlas is registered on it. An image stored
+    along the world axes is asked once."""
     from types import SimpleNamespace
 
+    import deface.atlas
     import deface.inference
     from deface import io
     from deface.atlas import Registration, euler
@@ -422,22 +424,26 @@ def test_an_oblique_image_called_skull_stripped_is_judged_again_along_its_own_vo
     real_predict = defacer.predict
     monkeypatch.setattr(defacer, "predict", lambda inputs: seen.extend(inputs) or real_predict(inputs))
     monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: verdicts.pop(0))
-    monkeypatch.setattr(defacer, "register", lambda volume, c: registered.append(volume) or (c, Registration(np.eye(4), "ok", 0.0)))
+    monkeypatch.setattr(defacer, "register", lambda volume, c: registered.append(c) or (c, Registration(np.eye(4), "ok", 0.0)))
+    monkeypatch.setattr(deface.atlas, "register_atlas",
+                        lambda atlas, image, affine, **k: registered.append(affine) or Registration(np.eye(4), "ok", 0.0))
 
-    verdicts[:] = [True, False]  # skull-stripped on world axes, a head along the voxel axes: registered
-    _, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
-    assert registration.status == "ok" and registered == [oblique] and not verdicts
-    assert len(seen) == 1  # the second view's grid runs along the voxel axes: the head upright in it
-    np.testing.assert_allclose(seen[0].grid.affine[:3, :3] / defacer.spacing, tilt[:3, :3], atol=1e-6)
+    verdicts[:] = [True, False]  # skull-stripped on world axes, a head along the voxel axes
+    view, view_probs, registration = defacer.register_unless_brain_only(oblique, canon, probs)
+    assert registration.status == "ok" and not verdicts and len(seen) == 1 and view is seen[0]
+    assert view_probs.shape[1:] == view.image.shape[1:]  # the second view's own probabilities
+    # that view's grid runs along the voxel axes (the head upright in it); registered on that grid
+    np.testing.assert_allclose(view.grid.affine[:3, :3] / defacer.spacing, tilt[:3, :3], atol=1e-6)
+    assert len(registered) == 1 and np.array_equal(registered[0], view.grid.affine)
     verdicts[:] = [True, True]  # skull-stripped in both views: left alone
-    _, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
-    assert registration.status == NOT_NEEDED and len(registered) == 1 and not verdicts
+    view, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
+    assert registration.status == NOT_NEEDED and view is canon and len(registered) == 1 and not verdicts
     verdicts[:], seen[:] = [True], []  # stored along the world axes (permuted, flipped): one view only
     _, _, registration = defacer.register_unless_brain_only(permuted, canon, probs)
     assert registration.status == NOT_NEEDED and not seen and not verdicts
-    verdicts[:] = [False]  # a head on the first view is registered without a second
-    defacer.register_unless_brain_only(oblique, canon, probs)
-    assert len(registered) == 2 and not seen
+    verdicts[:] = [False]  # a head on the first view is registered on it, without a second
+    view, _, _ = defacer.register_unless_brain_only(oblique, canon, probs)
+    assert registered[-1] is canon and view is canon and not seen
 
 
 def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
