@@ -306,16 +306,19 @@ class Defacer:
         canon, registration = self.register(volume, canon, ref)
         return volume, canon, registration
 
-    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None
-                 ) -> tuple[CanonicalInput, Registration]:
+    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None,
+                 frame: np.ndarray | None = None) -> tuple[CanonicalInput, Registration]:
         """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
         upright when the head is far tilted, or ``canon`` itself; the registration, its
         ``seconds`` counting the pose search too). ``ref``: the reference volume through
-        ``native_intensities``, if the caller has it."""
+        ``native_intensities``, if the caller has it. ``frame`` (4x4 rotation): the world turned
+        into the frame the registration works in (``canon`` is axis-aligned there, see
+        ``acquisition_frame``); what is returned is in the world again."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   roll_yaw_deg, rotation_deg)
 
         t0 = time.perf_counter()
+        native_affine = volume.affine if frame is None else frame @ volume.affine
         image, affine = registration_image(canon), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine, head=head)  # from upright, as validated on heads as scanned
@@ -336,7 +339,7 @@ class Defacer:
                     or roll_yaw_deg(pose) > self.post.atlas_search_roll_yaw_deg):
                 if ref is None:
                     ref = native_intensities(volume.reference(self.mask_from))
-                seen = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=pose, cleaned=True)
+                seen = to_canonical(ref, native_affine, self.spacing, self.multiple, rotation=pose, cleaned=True)
                 searched = register_atlas(self.atlas, registration_image(seen), seen.grid.affine, start=start)
                 if searched.to_atlas is not None and (head_mi(head, self.atlas.head, searched.to_atlas)
                                                       < reg_mi - self.post.atlas_search_mi_margin):
@@ -351,8 +354,13 @@ class Defacer:
             if ref is None:
                 ref = native_intensities(volume.reference(self.mask_from))
             turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
-            canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
-        return canon, replace(reg, seconds=time.perf_counter() - t0)
+            canon = to_canonical(ref, native_affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
+        reg = replace(reg, seconds=time.perf_counter() - t0)
+        if frame is None:
+            return canon, reg
+        back = np.linalg.inv(frame)
+        world = CanonicalInput(canon.image, Grid(canon.grid.shape, back @ canon.grid.affine), canon.inside)
+        return world, reg if reg.to_atlas is None else replace(reg, to_atlas=reg.to_atlas @ frame)
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
@@ -481,38 +489,41 @@ class Defacer:
         """The registration ``prepare`` deferred: none for an image the network's masks call
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
-        upright for it). An image stored obliquely is called skull-stripped only if it looks so on
-        a grid along its own voxel axes too (``acquisition_view``); if there it looks like a head,
-        that view is the network's and the registration's grid. Returns (canon, probs,
-        registration) for ``apply``."""
-        from deface.atlas import Registration, register_atlas
+        upright for it). An image stored obliquely is called skull-stripped only if it looks so
+        along its own voxel axes too (``acquisition_frame``); if there it looks like a head, the
+        network and the registration work in that frame. Returns (canon, probs, registration)."""
+        from deface.atlas import Registration
 
         if not looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             turned, registration = self.register(volume, canon)
             if turned is not canon:
                 probs = self.predict([turned])[0]
             return turned, probs, registration
-        seen = self.acquisition_view(volume)
-        if seen is None:
+        frame = self.acquisition_frame(volume)
+        if frame is None:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
+        ref = native_intensities(volume.reference(self.mask_from))
+        seen = to_canonical(ref, frame @ volume.affine, self.spacing, self.multiple, cleaned=True)
         seen_probs = self.predict([seen])[0]
         if looks_skull_stripped(seen_probs, self.spacing, self.post, seen.inside, seen.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        # registered from upright on that grid, as a head as scanned is on the world's
-        return seen, seen_probs, register_atlas(self.atlas, registration_image(seen), seen.grid.affine)
+        view, registration = self.register(volume, seen, ref, frame=frame)
+        return view, seen_probs if view.image is seen.image else self.predict([view])[0], registration
 
-    def acquisition_view(self, volume: io.Volume) -> CanonicalInput | None:
-        """The network input on a grid along the image's own voxel axes (``acquisition_rotation``),
-        or None when those lie within ``brain_only_oblique_deg`` of the world axes (the usual view).
-        A slab is planned on the head: the network, which learned heads near upright, called the
-        scalp of heads tilted 23-32 degrees and cut at the mouth brain on the world-axis grid."""
+    def acquisition_frame(self, volume: io.Volume) -> np.ndarray | None:
+        """The world turned (4x4) so that the image's own voxel axes run along its axes
+        (``acquisition_rotation``), or None when they lie within ``brain_only_oblique_deg`` of the
+        world's already. A slab is planned on the head: the network, which learned heads near
+        upright, called the scalp of heads tilted 23-32 degrees and cut at the mouth brain on the
+        world-axis grid; along the slab's axes they stood upright."""
         from deface.atlas import rotation_deg
 
         rotation = acquisition_rotation(volume.affine)
         if rotation_deg(rotation) <= self.post.brain_only_oblique_deg:
             return None
-        ref = native_intensities(volume.reference(self.mask_from))
-        return to_canonical(ref, volume.affine, self.spacing, self.multiple, rotation=rotation, cleaned=True)
+        frame = np.eye(4)
+        frame[:3, :3] = rotation
+        return frame
 
     def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor
                          ) -> tuple[torch.Tensor, float]:
