@@ -171,6 +171,14 @@ def registration_image(canon: CanonicalInput) -> np.ndarray:
     return canon.image[0].numpy().clip(0.0, 1.0)
 
 
+def axis_aligned(affine: np.ndarray) -> np.ndarray:
+    """A grid's ``affine`` made axis-aligned once more after a turn into a frame and back (the
+    rounding leaves ~1e-16 off the diagonal, which the atlas code, axis-aligned, does not accept)."""
+    out = np.array(affine, float)
+    out[:3, :3] = np.diag(np.diag(out[:3, :3]))
+    return out
+
+
 def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     """(status, summary) of one defaced image from its stats; logs what the user must check."""
     if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
@@ -295,7 +303,9 @@ class Defacer:
         if np.nanmax(ref) == np.nanmin(ref):
             raise io.InputError("the image is constant (all voxels equal): nothing to deface")
         ref = native_intensities(ref)
-        canon = to_canonical(ref, volume.affine, self.spacing, self.multiple, cleaned=True)
+        frame = self.acquisition_frame(volume)
+        canon = to_canonical(ref, volume.affine, self.spacing, self.multiple,
+                             rotation=None if frame is None else frame[:3, :3], cleaned=True)
         if self.atlas is None:
             return volume, canon, None
         from deface.atlas import Registration
@@ -306,19 +316,33 @@ class Defacer:
         canon, registration = self.register(volume, canon, ref)
         return volume, canon, registration
 
-    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None,
-                 frame: np.ndarray | None = None) -> tuple[CanonicalInput, Registration]:
-        """Register the atlas to the axis-aligned ``canon`` of ``volume``: (the network input, turned
-        upright when the head is far tilted, or ``canon`` itself; the registration, its
-        ``seconds`` counting the pose search too). ``ref``: the reference volume through
-        ``native_intensities``, if the caller has it. ``frame`` (4x4 rotation): the world turned
-        into the frame the registration works in (``canon`` is axis-aligned there, see
-        ``acquisition_frame``); what is returned is in the world again."""
+    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None
+                 ) -> tuple[CanonicalInput, Registration]:
+        """Register the atlas to ``canon`` of ``volume`` (as ``prepare`` made it: axis-aligned in the
+        image's ``acquisition_frame``): (the network input, turned upright when the head is far
+        tilted, or ``canon`` itself; the registration, its ``seconds`` counting the pose search
+        too). ``ref``: the reference volume through ``native_intensities``, if the caller has it.
+        The work is done in the acquisition frame, the answer given in the world."""
+        frame = self.acquisition_frame(volume)
+        if frame is None:
+            return self._register(volume.affine, volume, canon, ref)
+        seen = CanonicalInput(canon.image, Grid(canon.grid.shape, axis_aligned(frame @ canon.grid.affine)), canon.inside)
+        turned, registration = self._register(frame @ volume.affine, volume, seen, ref)
+        if registration.to_atlas is not None:
+            registration = replace(registration, to_atlas=registration.to_atlas @ frame)
+        if turned is seen:
+            return canon, registration
+        back = np.linalg.inv(frame)
+        return CanonicalInput(turned.image, Grid(turned.grid.shape, back @ turned.grid.affine), turned.inside), registration
+
+    def _register(self, native_affine: np.ndarray, volume: io.Volume, canon: CanonicalInput,
+                  ref: np.ndarray | None) -> tuple[CanonicalInput, Registration]:
+        """``register`` in a frame where ``canon`` is axis-aligned and the image's affine is
+        ``native_affine``; the results are in that frame."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_pose, register_atlas, rigid_part,
                                   roll_yaw_deg, rotation_deg)
 
         t0 = time.perf_counter()
-        native_affine = volume.affine if frame is None else frame @ volume.affine
         image, affine = registration_image(canon), canon.grid.affine
         head = Head(image, affine)  # its outline and top serve the fit comparison and the pose search
         reg = register_atlas(self.atlas, image, affine, head=head)  # from upright, as validated on heads as scanned
@@ -355,12 +379,7 @@ class Defacer:
                 ref = native_intensities(volume.reference(self.mask_from))
             turned = euler(self.post.atlas_upright_pitch_deg, 0.0, 0.0) @ turn
             canon = to_canonical(ref, native_affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
-        reg = replace(reg, seconds=time.perf_counter() - t0)
-        if frame is None:
-            return canon, reg
-        back = np.linalg.inv(frame)
-        world = CanonicalInput(canon.image, Grid(canon.grid.shape, back @ canon.grid.affine), canon.inside)
-        return world, reg if reg.to_atlas is None else replace(reg, to_atlas=reg.to_atlas @ frame)
+        return canon, replace(reg, seconds=time.perf_counter() - t0)
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
@@ -489,37 +508,25 @@ class Defacer:
         """The registration ``prepare`` deferred: none for an image the network's masks call
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
-        upright for it). An image stored obliquely is called skull-stripped only if it looks so
-        along its own voxel axes too (``acquisition_frame``); if there it looks like a head, the
-        network and the registration work in that frame. Returns (canon, probs, registration)."""
+        upright for it). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        if not looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
-            turned, registration = self.register(volume, canon)
-            if turned is not canon:
-                probs = self.predict([turned])[0]
-            return turned, probs, registration
-        frame = self.acquisition_frame(volume)
-        if frame is None:
+        if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        ref = native_intensities(volume.reference(self.mask_from))
-        seen = to_canonical(ref, frame @ volume.affine, self.spacing, self.multiple, cleaned=True)
-        seen_probs = self.predict([seen])[0]
-        if looks_skull_stripped(seen_probs, self.spacing, self.post, seen.inside, seen.image[0]):
-            return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        view, registration = self.register(volume, seen, ref, frame=frame)
-        return view, seen_probs if view.image is seen.image else self.predict([view])[0], registration
+        turned, registration = self.register(volume, canon)
+        if turned is not canon:
+            probs = self.predict([turned])[0]
+        return turned, probs, registration
 
     def acquisition_frame(self, volume: io.Volume) -> np.ndarray | None:
         """The world turned (4x4) so that the image's own voxel axes run along its axes
-        (``acquisition_rotation``), or None when they lie within ``brain_only_oblique_deg`` of the
-        world's already. A slab is planned on the head: the network, which learned heads near
-        upright, called the scalp of heads tilted 23-32 degrees and cut at the mouth brain on the
-        world-axis grid; along the slab's axes they stood upright."""
+        (``acquisition_rotation``): the network's grid and the registration follow the slab as it
+        was planned on the head. None when they lie within ``acquisition_frame_deg`` of the world's
+        already (then the world's axes are used, as for every head stored straight)."""
         from deface.atlas import rotation_deg
 
         rotation = acquisition_rotation(volume.affine)
-        if rotation_deg(rotation) <= self.post.brain_only_oblique_deg:
+        if rotation_deg(rotation) <= self.post.acquisition_frame_deg:
             return None
         frame = np.eye(4)
         frame[:3, :3] = rotation

@@ -49,16 +49,16 @@ class PostprocessConfig:
     # skull-stripped brain face too (s20 FLAIR made FLAIR-like: 51 mL far, 8 mL of it in front).
     brain_only_far_face_mm: float = 15.0
     brain_only_max_far_face_ml: float = 45.0
-    # ... and, for an image stored obliquely (voxel axes more than ``brain_only_oblique_deg`` from the
-    # world axes), only if it looks so on a grid along its own voxel axes too: a slab planned on a
-    # tilted head is cut across the head's own axes, and the network, which learned heads near
-    # upright, saw 1.3-1.8 L of "brain" over the scalp of heads tilted 23-32 degrees and cut at the
-    # mouth (26 of 39 passed as skull-stripped, their whole face kept), none along the voxel axes.
-    brain_only_oblique_deg: float = 5.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
     # grown by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
     atlas_threshold: float = 0.5
+    # An image stored obliquely (voxel axes more than ``acquisition_frame_deg`` from the world's: a
+    # slab planned on the head) is seen by the network and registered along its own voxel axes
+    # (``Defacer.acquisition_frame``): the network learned heads near upright and called the scalp
+    # of heads tilted 23-32 degrees and cut at the mouth brain (26 of 39 passed as skull-stripped and
+    # kept their whole face); the 213 real heads in ../shared are stored within 4.1 degrees.
+    acquisition_frame_deg: float = 5.0
     # Tilted heads (Defacer.prepare): a head the outline search (deface.atlas.head_pose) finds more
     # than ``atlas_search_deg`` from the atlas pose is registered from the search's pose as well as
     # from upright (the better intensity fit is kept); a head that the search finds more than

@@ -83,9 +83,26 @@ def greedy_probs(canon) -> torch.Tensor:
     return probs
 
 
-def frontal_voxels(img: nib.Nifti1Image) -> tuple[np.ndarray, ...]:
-    idx = np.linalg.inv(img.affine) @ np.c_[FRONTAL_BRAIN_MNI, np.ones(len(FRONTAL_BRAIN_MNI))].T
+def frontal_voxels(img: nib.Nifti1Image, tilt: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Voxels of ``img`` at frontal-lobe MNI points of the example head (moved by ``tilt``, 4x4)."""
+    points = np.c_[FRONTAL_BRAIN_MNI, np.ones(len(FRONTAL_BRAIN_MNI))].T
+    idx = np.linalg.inv(img.affine) @ (points if tilt is None else tilt @ points)
     return tuple(np.round(idx[:3]).astype(int))
+
+
+def tilted_in_scanner(pitch: float, roll: float, yaw: float = 0.0) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """(image, tilt): the example head (Colin27, in MNI space) turned in world space by ``tilt``
+    (4x4) and stored on a grid along the world axes, as a head lying tilted in the scanner is (an
+    image stored obliquely is seen along its own axes: ``Defacer.acquisition_frame``)."""
+    from deface.atlas import euler
+    from deface.evaluation import regrid
+
+    upright = nib.load(str(EXAMPLE_HEAD))
+    tilt = np.eye(4)
+    tilt[:3, :3] = euler(pitch, roll, yaw)
+    data = np.asarray(upright.dataobj, np.float32)
+    image, _, affine = regrid(data, np.zeros(data.shape, np.uint8), tilt @ upright.affine)
+    return nib.Nifti1Image(image, affine), tilt
 
 
 @pytest.mark.parametrize("guard", [True, False])
@@ -238,20 +255,17 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
-    upright = nib.load(str(EXAMPLE_HEAD))
-    tilt = np.eye(4)
-    tilt[:3, :3] = euler(35.0, 15.0, 0.0)
-    img = nib.Nifti1Image(np.asarray(upright.dataobj), tilt @ upright.affine)
+    img, tilt = tilted_in_scanner(35.0, 15.0)
     volume, canon, registration = defacer.prepare(img)
     assert registration.status == "ok"
     assert rotation_deg(rigid_part(registration.to_atlas[:3, :3]) @ tilt[:3, :3]) < 8.0  # the tilt undone
     turned = canon.grid.affine[:3, :3]
     assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network's grid is turned
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
-    assert not result.mask[frontal_voxels(upright)].any()  # same array: same voxels
+    assert not result.mask[frontal_voxels(img, tilt)].any()
     assert result.mask.sum() > 2000
-    mni = voxel_world(upright.shape, upright.affine)  # Colin27's own grid is MNI
-    assert face_region_mni(mni[result.mask], 13.0, 63.0).all()
+    mni = np.linalg.inv(tilt)[:3, :3] @ voxel_world(img.shape, img.affine)[result.mask].T  # Colin27 is in MNI
+    assert face_region_mni(mni.T, 13.0, 63.0).all()
 
 
 def test_roll_and_yaw_are_told_from_pitch():
@@ -276,10 +290,8 @@ def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_upright_roll_yaw_deg": 10.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
-    upright = nib.load(str(EXAMPLE_HEAD))
-    rotation = np.eye(4)
-    rotation[:3, :3] = euler(*tilt)
-    _, canon, registration = defacer.prepare(nib.Nifti1Image(np.asarray(upright.dataobj), rotation @ upright.affine))
+    img, _ = tilted_in_scanner(*tilt)
+    _, canon, registration = defacer.prepare(img)
     assert registration.status == "ok"
     axes = canon.grid.affine[:3, :3]
     assert np.allclose(axes, np.diag(np.diag(axes))) != turned
@@ -398,50 +410,38 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
 
 
-def test_an_oblique_image_called_skull_stripped_is_judged_again_along_its_own_voxel_axes(monkeypatch):
-    """The network learned heads near upright: a slab planned on a tilted head (stored obliquely, cut
-    at the mouth along the head's own axes) looked skull-stripped on the world-axis grid. Such an
-    image is looked at again along its voxel axes (there upright); unless that view says
-    skull-stripped too, the network and the registration work in that frame, and what comes back
-    (the grid, the transform) is in the world. An image stored along the world axes is asked once."""
-    from types import SimpleNamespace
-
-    import deface.atlas
-    import deface.inference
+def test_an_image_stored_obliquely_is_seen_along_its_own_voxel_axes():
+    """A slab planned on a tilted head is stored obliquely: its voxel axes run along the head. The
+    network's grid and the registration follow them (``Defacer.acquisition_frame``), so the same
+    array stored 25 degrees oblique gives the mask it gives stored straight, and a transform to the
+    atlas that undoes the obliquity (heads tilted and cut at the mouth had passed as skull-stripped
+    on the world-axis grid and kept their whole face). Straight storage, permuted or flipped, is
+    left on the world's axes."""
     from deface import io
-    from deface.atlas import Registration, euler
-    from deface.inference import NOT_NEEDED
+    from deface.atlas import euler
 
     defacer = tiny_atlas_defacer()
     head = nib.load(str(EXAMPLE_HEAD))
     tilt = np.eye(4)
     tilt[:3, :3] = euler(25.0, 12.0, 0.0)
     data = np.asarray(head.dataobj, np.float32)
-    oblique = io.from_image(nib.Nifti1Image(data, tilt @ head.affine))
-    permuted = io.from_image(nib.Nifti1Image(data, head.affine).as_reoriented(np.array([[2, 1], [0, -1], [1, 1]])))
-    canon, probs = SimpleNamespace(inside=None, image=[None]), torch.zeros(1)
-    seen, verdicts, registered = [], [], []
-    real_predict = defacer.predict
-    monkeypatch.setattr(defacer, "predict", lambda inputs: seen.extend(inputs) or real_predict(inputs))
-    monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: verdicts.pop(0))
-    # a good upright fit in whatever frame it is asked in (no pose search)
-    monkeypatch.setattr(deface.atlas, "register_atlas", lambda atlas, image, affine, **k: registered.append(affine)
-                        or Registration(np.eye(4), "ok", 0.0, -1.0))
+    permuted = nib.Nifti1Image(data, head.affine).as_reoriented(np.array([[2, 1], [0, -1], [1, 1]]))
+    assert defacer.acquisition_frame(io.from_image(permuted)) is None
+    assert defacer.acquisition_frame(io.from_image(head)) is None
+    def front_half_face(canon) -> torch.Tensor:  # a network: tissue in the grid's front half is face
+        face = canon.image[0] > 0.1
+        face[:, : face.shape[1] // 2] = False
+        return torch.stack([(~face).float(), face.float(), torch.zeros_like(face, dtype=torch.float32)])
 
-    verdicts[:] = [True, False]  # skull-stripped on world axes, a head along the voxel axes
-    view, view_probs, registration = defacer.register_unless_brain_only(oblique, canon, probs)
-    assert registration.status == "ok" and not verdicts and len(seen) == 1 and view.image is seen[0].image
-    assert view_probs.shape[1:] == view.image.shape[1:]  # that view's own probabilities
-    # registered on a grid axis-aligned in the slab's frame: in the world, along the voxel axes
-    assert len(registered) == 1 and np.allclose(registered[0][:3, :3], np.diag([defacer.spacing] * 3))
-    np.testing.assert_allclose(view.grid.affine[:3, :3] / defacer.spacing, tilt[:3, :3], atol=1e-6)
-    np.testing.assert_allclose(registration.to_atlas[:3, :3], tilt[:3, :3].T, atol=1e-6)  # world -> atlas
-    verdicts[:] = [True, True]  # skull-stripped in both views: left alone
-    view, _, registration = defacer.register_unless_brain_only(oblique, canon, probs)
-    assert registration.status == NOT_NEEDED and view is canon and len(registered) == 1 and not verdicts
-    verdicts[:], seen[:] = [True], []  # stored along the world axes (permuted, flipped): one view only
-    _, _, registration = defacer.register_unless_brain_only(permuted, canon, probs)
-    assert registration.status == NOT_NEEDED and not seen and not verdicts
+    results = {}
+    for name, img in (("straight", head), ("oblique", nib.Nifti1Image(data, tilt @ head.affine))):
+        volume, canon, registration = defacer.prepare(img)
+        results[name] = defacer.apply(volume, canon, front_half_face(canon), registration), canon
+    (straight, canon_s), (oblique, canon_o) = results["straight"], results["oblique"]
+    np.testing.assert_allclose(canon_o.grid.affine, tilt @ canon_s.grid.affine, atol=1e-6)  # along the voxel axes
+    torch.testing.assert_close(canon_o.image, canon_s.image, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(oblique.to_atlas, straight.to_atlas @ np.linalg.inv(tilt), atol=0.05)  # mm, ~1e-3 linear
+    assert straight.mask.sum() > 2000 and (oblique.mask != straight.mask).sum() < 0.01 * straight.mask.sum()
 
 
 def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
@@ -480,17 +480,14 @@ def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     from deface.atlas import euler
 
     defacer = tiny_atlas_defacer(brain_only_max_tissue_ml=1e6)
-    upright = nib.load(str(EXAMPLE_HEAD))
-    tilt = np.eye(4)
-    tilt[:3, :3] = euler(35.0, 15.0, 0.0)
-    img = nib.Nifti1Image(np.asarray(upright.dataobj), tilt @ upright.affine)
+    img, tilt = tilted_in_scanner(35.0, 15.0)
     volume, canon, registration = defacer.prepare(img)
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     assert result.stats["atlas_registration"] == "ok"
     turned = result.grid.affine[:3, :3]
     assert not np.allclose(turned, np.diag(np.diag(turned)))  # the network saw a turned grid
     assert result.probs.shape[1:] == result.grid.shape  # ... and its probabilities are on it
-    assert not result.mask[frontal_voxels(upright)].any()
+    assert not result.mask[frontal_voxels(img, tilt)].any()
 
 
 def test_registration_does_not_depend_on_the_brightest_tail():
