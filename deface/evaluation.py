@@ -155,7 +155,10 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     ``thick_*``: 6 mm slices along the world axis named (partial-volume averaged, as 2D clinical
     scans are); ``coarse_3mm``: 3 mm voxels; ``tilted``: the head pitched 25 degrees and rolled 12
     in world space (same array); ``turned``: chin up 20 degrees and turned 25; ``rolled``: rolled
-    18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i));
+    18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i)); the
+    tilts are stored obliquely (same array, turned affine), which the wrapper sees along the voxel
+    axes since 2026-12-06 (``Defacer.acquisition_frame``): ``tilted+regrid`` is the head lying
+    tilted in the scanner, the case its pose search is for;
     ``crop_chin``: no neck, the field of view ends 5 mm below the
     lowest face voxel; ``crop_mouth``: it ends halfway up the face (lips and chin cut off);
     ``crop_nose``: the anterior edge cuts 12 mm off the front of the face (nose tip gone);

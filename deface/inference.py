@@ -414,6 +414,13 @@ class Defacer:
         known = None if registration is None else registration.status == NOT_NEEDED
         regions = self.regions(canon, probs, to_atlas, brain_only=known)
         masks = regions.removal()
+        if masks.face_found and self.atlas is not None:
+            # What is left to remove once the brain is protected must hold a face's worth of tissue:
+            # on a skull-stripped image the brain-only rule missed (a stroke T2 made PD-like: the network
+            # calls 120 mL of its brain face), the removal lies on air but for a few brain voxels at its rim.
+            tissue = tissue_signal(canon.image[0], canon.inside, self.post)
+            if float((masks.remove & tissue).sum()) * self.spacing**3 / 1000.0 < self.post.min_face_ml:
+                masks = replace(masks, remove=torch.zeros_like(masks.remove), face_found=False)
         # Without a registration (stats say why) only the network protects the brain.
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)

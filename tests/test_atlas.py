@@ -618,3 +618,29 @@ def test_the_full_resolution_level_on_a_cropped_grid_gives_the_whole_grids_trans
     moved = [t[:3, :3] @ world + t[:3, 3:4] for t in (cropped, whole)]
     assert np.abs(moved[0] - moved[1]).max() < 1e-4  # mm
     assert np.abs(cropped - np.eye(4)).max() > 1e-3  # it did move the atlas
+
+
+def test_a_removal_left_with_less_tissue_than_a_face_changes_nothing():
+    """A network face that the brain protection takes back but for a few voxels of tissue changes
+    nothing: what is left to remove must hold ``min_face_ml`` of tissue. A skull-stripped stroke T2
+    made PD-like and stored obliquely was missed by the brain-only rule (the network called half its
+    brain background and 120 mL of it face), was registered, and its removal, on air in front,
+    grazed 1-11 brain voxels."""
+    from deface.atlas import brain_on_grid
+    from deface.inference import NOT_NEEDED, outcome_of
+    from deface.postprocessing import grow
+    from deface.preprocessing import Grid
+
+    defacer = tiny_atlas_defacer()
+    head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
+    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
+    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
+    volume, canon, registration = defacer.prepare(stripped)
+    world = world_points(canon.grid.shape, canon.grid.affine)
+    tissue = canon.image[0] > 0.08
+    front = tissue & torch.from_numpy(world[..., 1] > 30)  # the network calls the front of the brain face
+    probs = torch.stack([(~front).float(), front.float(), torch.zeros_like(front, dtype=torch.float32)])
+    result = defacer.apply(volume, canon, probs, registration)
+    assert result.stats["atlas_registration"] not in (NOT_NEEDED, "deferred")  # not taken for skull-stripped
+    assert result.stats["face_ml_predicted"] > 50 and not result.mask.any()
+    assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
