@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage as ndi
 
 from deface.anatomy import fill_slices, largest_component
-from deface.preprocessing import Grid, antialias, resample, voxel_sizes, world_bbox
+from deface.preprocessing import Grid, antialias, resample, rigid_part, voxel_sizes, world_bbox
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.
@@ -240,12 +240,6 @@ def euler(pitch: float, roll: float, yaw: float) -> np.ndarray:
     ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
     rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
     return rz @ ry @ rx
-
-
-def rigid_part(linear: np.ndarray) -> np.ndarray:
-    """The rotation nearest to a 3x3 linear map (polar decomposition)."""
-    u, _, vt = np.linalg.svd(linear)
-    return u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
 
 
 def roll_yaw_deg(rotation: np.ndarray) -> float:

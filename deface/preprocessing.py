@@ -43,9 +43,13 @@ def acquisition_rotation(affine: np.ndarray) -> np.ndarray:
     frame = np.zeros((3, 3))
     for j, i in enumerate(pairing):
         frame[:, i] = np.sign(directions[i, j]) * directions[:, j]
-    u, _, vt = np.linalg.svd(frame)  # the nearest rotation: voxel axes need not be orthogonal
-    frame = u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
-    return frame.T
+    return rigid_part(frame).T  # voxel axes need not be orthogonal
+
+
+def rigid_part(linear: np.ndarray) -> np.ndarray:
+    """The rotation nearest to a 3x3 linear map (polar decomposition)."""
+    u, _, vt = np.linalg.svd(linear)
+    return u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
 
 
 def world_bbox(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
