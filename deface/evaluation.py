@@ -337,6 +337,8 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
     and ``independent_brain`` (a brain mask from another tool) are on ``image``'s grid."""
     import time
 
+    from deface.inference import changed_voxels
+
     t0 = time.perf_counter()
     pred, result = native_labels(defacer, image)
     data = np.asarray(image.dataobj, dtype=np.float32)
@@ -346,7 +348,7 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
     face_tissue = ref_face & tissue
     spacing = voxel_sizes(image.affine)
     surface = face_tissue & near_skin(tissue, spacing, SURFACE_MM)
-    changed = (result.raw != result.volume.raw).reshape(data.shape + (-1,)).any(-1)
+    changed = changed_voxels(result.raw, result.volume.raw)
     seconds = time.perf_counter() - t0
     attacked = None
     if attack:

@@ -119,6 +119,15 @@ def looks_already_defaced(image: np.ndarray, remove: np.ndarray) -> bool:
     return bool((sample[outside] == 0).mean() < 0.2)
 
 
+def changed_voxels(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) bool: voxels whose value differs in any volume; a NaN left NaN is unchanged
+    (NaN != NaN would report every NaN of the input, brain included, as changed)."""
+    differ = new != old
+    if np.issubdtype(old.dtype, np.floating):
+        differ &= ~(np.isnan(new) & np.isnan(old))
+    return differ.reshape(old.shape[:3] + (-1,)).any(-1)
+
+
 def background_air(values: np.ndarray, remove: np.ndarray, min_voxels: int = 1000) -> np.ndarray:
     """Values of the image's own air outside ``remove`` (at most 5 % of the 99th percentile), for
     --mode noise. Exact zeros are left out when there is enough real noise, since scanners and
@@ -425,7 +434,7 @@ class Defacer:
         native = Grid(tuple(volume.raw.shape[:3]), volume.affine)
         remove, box, protected = to_native(masks, canon.grid, native)
         raw = self.replace(volume, remove, to_atlas)
-        changed = (raw != volume.raw).reshape(raw.shape[:3] + (-1,)).any(-1)
+        changed = changed_voxels(raw, volume.raw)
         brain_changed = int((changed[box] & protected).sum()) if box is not None else 0
         voxel_ml = float(np.abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         removed = int(changed.sum())  # what "removed" means to a user: voxels whose value changed

@@ -104,6 +104,26 @@ def test_a_constant_added_to_the_image_changes_nothing(defacer):
     assert masks[0].any() and all(np.array_equal(m, masks[0]) for m in masks[1:])
 
 
+def test_nan_air_gives_the_plain_mask_and_nan_left_nan_is_not_a_change(defacer):
+    """A float image with NaN for air (and a few NaN voxels in the brain, e.g. after a masked
+    division): same mask as the plain image; "brain voxels changed" and "removed" count values that
+    changed, and a NaN left NaN is not one (1,237 "brain voxels changed" were reported on a real
+    head whose every brain voxel was bit-identical)."""
+    img = make_phantom(dtype=np.float32)
+    data = np.asarray(img.dataobj, np.float32).copy()
+    plain = deface_with_oracle(defacer, img)
+    truth = phantom_truth(world_points(img.shape, img.affine))
+    data[data <= 0] = np.nan
+    brain = np.argwhere(truth == BRAIN)
+    data[tuple(brain[:: max(1, len(brain) // 20)].T)] = np.nan
+    result = deface_with_oracle(defacer, nib.Nifti1Image(data, img.affine))
+    assert np.array_equal(result.mask, plain.mask) and result.mask.any()
+    assert result.stats["brain_voxels_changed"] == 0
+    same = (result.raw == data) | (np.isnan(result.raw) & np.isnan(data))
+    assert same[truth == BRAIN].all() and same[~result.mask].all()
+    assert result.stats["removed_voxels"] == int((~same).sum())
+
+
 def test_salt_and_pepper_air_is_quieted_and_the_brain_kept(defacer):
     """Air of noise over the whole intensity range (an MP2RAGE UNI image) becomes 0 in the network
     input, the head does not; an image with ordinary air is not touched at all."""
