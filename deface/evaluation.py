@@ -32,7 +32,8 @@ CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased", "
 # (pitch, roll, yaw) in degrees of the head moved in world space (``atlas.euler``)
 TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0)}
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", *TILTS,
-                "crop_chin", "crop_mouth", "crop_nose", "brain_only")
+                "crop_chin", "crop_mouth", "crop_nose", "brain_only", "wide_fov")
+WIDE_FOV_MM = 40.0  # the air ``acquisition_variant("wide_fov")`` adds on every side
 SURFACE_MM = 10.0
 
 
@@ -165,7 +166,9 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     ``brain_only``: every voxel outside the brain label set to 0 (nothing may change), and its
     label too: there is no face left, and ``contrast_variant`` must not light the empty head up
     (its T2-like version was a bright solid head around an inverted brain until 2026-12-04 (d));
-    ``regrid``: the same head resampled onto a grid along the world axes (``regrid``).
+    ``regrid``: the same head resampled onto a grid along the world axes (``regrid``);
+    ``wide_fov``: 40 mm more air (zeros) on every side, as a scanner field of view much larger than
+    the head stores it (a 256 mm cube, FreeSurfer's conformed space).
     Steps compose with "+", in order: ``tilted+crop_mouth`` is a slab planned on a tilted head (cut
     along its own axes, stored obliquely), ``tilted+regrid+crop_mouth`` a tilted head cut by a
     straight field of view.
@@ -194,6 +197,11 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         return data, labels, rot @ affine
     if kind == "regrid":
         return regrid(data, labels, affine)
+    if kind == "wide_fov":
+        pad = [(n, n) for n in np.round(WIDE_FOV_MM / vs).astype(int)]
+        shifted = affine.copy()
+        shifted[:3, 3] -= affine[:3, :3] @ np.array([n for n, _ in pad], float)
+        return np.pad(data, pad).astype(np.float32), np.pad(labels, pad), shifted
     if kind == "brain_only":
         brain = labels == BRAIN
         return np.where(brain, data, 0).astype(np.float32), np.where(brain, labels, 0).astype(labels.dtype), affine

@@ -27,8 +27,8 @@ from deface.network import build_network, downsampling_factor
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, cut_band, filled_tissue_ml,
                                   grow, looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
                                   to_native)
-from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities, to_canonical,
-                                  voxel_sizes)
+from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, head_frame, native_intensities,
+                                  to_canonical, voxel_sizes)
 
 if TYPE_CHECKING:
     from deface.atlas import Registration
@@ -268,6 +268,8 @@ class Defacer:
         pre = self.metadata.get("preprocessing", {})
         self.spacing = float(pre.get("spacing_mm", 2.0))
         self.multiple = int(pre.get("multiple", downsampling_factor(self.metadata.get("architecture", {})) or 16))
+        shape = pre.get("input_shape")  # the training patch; without it the whole canonical grid is seen
+        self.input_shape = None if shape is None else tuple(int(n) for n in shape)
         post_overrides = dict(post or {})
         post = dict(self.metadata.get("postprocessing", {}))
         if brain_margin_mm is not None:
@@ -392,18 +394,30 @@ class Defacer:
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
-        """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs (padded together)."""
+        """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs, each framed on
+        its head as the network was trained (``input_shape``; the whole grid without it), padded
+        together; background wherever the frame does not reach (air)."""
+        frames = []
+        for c in inputs:
+            full = tuple(slice(0, n) for n in c.image.shape[1:])
+            frames.append(head_frame(c.image, self.input_shape, self.multiple) if self.input_shape
+                          else (tuple(c.image.shape[1:]), full, full))
         # at least two multiples a side: the deepest level's instance norm needs more than one voxel
-        shape = np.maximum(np.max([c.image.shape[1:] for c in inputs], axis=0), 2 * self.multiple)
+        shape = np.maximum(np.max([f[0] for f in frames], axis=0), 2 * self.multiple)
         batch = torch.zeros((len(inputs), 1, *shape), dtype=torch.float32)
-        for i, c in enumerate(inputs):
-            x, y, z = c.image.shape[1:]
-            batch[i, :, :x, :y, :z] = c.image
+        for i, (c, (_, src, dst)) in enumerate(zip(inputs, frames)):
+            batch[(i, slice(None), *dst)] = c.image[(slice(None), *src)]
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.network(batch)
         probs = torch.softmax(logits.float(), 1).cpu()
-        return [probs[i, :, : c.image.shape[1], : c.image.shape[2], : c.image.shape[3]] for i, c in enumerate(inputs)]
+        out = []
+        for i, (c, (_, src, dst)) in enumerate(zip(inputs, frames)):
+            p = torch.zeros((probs.shape[1], *c.image.shape[1:]), dtype=probs.dtype)
+            p[0] = 1.0
+            p[(slice(None), *src)] = probs[(i, slice(None), *dst)]
+            out.append(p)
+        return out
 
     def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
               registration: Registration | None = None) -> DefaceResult:

@@ -47,6 +47,7 @@ def build_metadata(cfg: DictConfig, metrics: dict, wall_s: float) -> dict:
         "deface_version": __version__,
         "architecture": OmegaConf.to_container(cfg.model.net, resolve=True),
         "preprocessing": {"orientation": "RAS", "spacing_mm": cfg.data.synth.spacing, "multiple": 16,
+                          "input_shape": list(cfg.data.synth.patch),
                           "intensity": "percentile 0.5-99.5 -> 0-1 over the field of view"},
         "classes": list(CLASS_NAMES),
         "postprocessing": dict(OmegaConf.to_container(cfg.export.postprocessing, resolve=True)),

@@ -65,7 +65,7 @@ def find_metadata(path: str | Path | None = None) -> Path:
 METADATA_KEYS = {"name", "version", "deface_version", "architecture", "preprocessing", "classes", "postprocessing",
                  "training", "metrics", "torch_version", "monai_version", "git_commit", "intended_use", "license",
                  "checkpoint", "file", "sha256", "evaluation"}
-PREPROCESSING_KEYS = {"orientation", "spacing_mm", "multiple", "intensity"}
+PREPROCESSING_KEYS = {"orientation", "spacing_mm", "multiple", "intensity", "input_shape"}
 
 
 def validate_metadata(meta: dict[str, Any], where: str = "weights metadata") -> None:

@@ -203,6 +203,55 @@ def test_modes_change_only_the_mask(tiny_metadata, mode):
         assert np.all(result.raw[result.mask] == 77)
 
 
+def test_the_network_sees_the_head_framed_as_in_training_whatever_air_surrounds_it(tiny_metadata):
+    """With ``input_shape`` (the training patch) the network's input is that box centred on the head,
+    so the same canonical head with 20 more voxels of air on every side gets the same probabilities
+    (bit for bit); seen whole, its instance norms see the air and the answer moves."""
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+    from deface.preprocessing import head_frame, to_canonical
+
+    torch.manual_seed(0)
+    network = build_network(TINY_ARCHITECTURE)
+    framed = dict(tiny_metadata, preprocessing=dict(tiny_metadata["preprocessing"], input_shape=[48, 56, 48]))
+    img = make_phantom()
+    canon = to_canonical(np.asarray(img.dataobj, np.float32), img.affine, spacing=4.0, multiple=4)
+    pad = 20
+    big = torch.nn.functional.pad(canon.image, (pad,) * 6)
+    affine = canon.grid.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, pad)
+    padded = CanonicalInput(big, Grid(tuple(big.shape[1:]), affine), torch.nn.functional.pad(canon.inside, (pad,) * 6))
+    inner = (slice(None), *(slice(pad, pad + n) for n in canon.image.shape[1:]))
+
+    shape, src, dst = head_frame(padded.image, (48, 56, 48), 4)
+    head = padded.image[0] > 0.1
+    assert shape == (48, 56, 48) and head[src].sum() == head.sum()  # the whole head is in the box
+    for axis in range(3):  # ... and centred in it, within a voxel
+        rows = torch.nonzero(head.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
+        before, after = rows[0] - src[axis].start + dst[axis].start, shape[axis] - (rows[-1] + 1 - src[axis].start + dst[axis].start)
+        assert abs(int(before) - int(after)) <= 1
+
+    d = Defacer(network=network, metadata=framed, device="cpu")
+    small, large = d.predict([canon, padded])
+    assert torch.equal(large[inner], small)
+    assert torch.all(large[0][:pad] == 1.0)  # air beyond the frame is background
+    whole = Defacer(network=network, metadata=tiny_metadata, device="cpu")
+    small, large = whole.predict([canon]) + whole.predict([padded])
+    assert not torch.allclose(large[inner], small, atol=1e-3)
+
+
+def test_a_head_longer_than_the_training_patch_is_seen_whole():
+    """The frame grows (in steps of ``multiple``) along any axis the head is longer than the patch."""
+    from deface.preprocessing import head_frame
+
+    image = torch.zeros((1, 40, 90, 30))
+    image[0, 5:35, 3:88, 2:28] = 1.0
+    shape, src, dst = head_frame(image, (32, 48, 32), 8)
+    assert shape == (32, 88, 32)
+    assert src[1] == slice(1, 89) and dst[1] == slice(0, 88)  # centred: 1 voxel of air either side
+    assert image[(slice(None), *src)].sum() == image.sum()
+
+
 def test_random_network_runs_end_to_end(defacer):
     result = defacer.deface(make_phantom(angle_deg=10.0))
     assert result.stats["brain_voxels_changed"] == 0
