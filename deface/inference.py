@@ -394,9 +394,10 @@ class Defacer:
 
     @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
-        """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs, each framed on
-        its head as the network was trained (``input_shape``; the whole grid without it), padded
-        together; background wherever the frame does not reach (air)."""
+        """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs, each seen
+        through a window of the training patch's size (``input_shape``) on its head where its grid
+        is larger (``head_frame``; the whole grid without it), padded together; background wherever
+        the window does not reach (air)."""
         frames = []
         for c in inputs:
             full = tuple(slice(0, n) for n in c.image.shape[1:])

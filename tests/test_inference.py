@@ -203,52 +203,62 @@ def test_modes_change_only_the_mask(tiny_metadata, mode):
         assert np.all(result.raw[result.mask] == 77)
 
 
-def test_the_network_sees_the_head_framed_as_in_training_whatever_air_surrounds_it(tiny_metadata):
-    """With ``input_shape`` (the training patch) the network's input is that box centred on the head,
-    so the same canonical head with 20 more voxels of air on every side gets the same probabilities
-    (bit for bit); seen whole, its instance norms see the air and the answer moves."""
+def test_the_network_sees_a_wide_field_of_view_through_a_window_of_the_training_patch(tiny_metadata):
+    """With ``input_shape`` (the training patch) a grid larger than it is seen through a window of
+    that size on the head, so the same canonical head with 20 or 30 more voxels of air on every
+    side gets the same probabilities (bit for bit); seen whole, the instance norms see the air and
+    the answer moves. A grid no larger than the patch is seen whole, as without ``input_shape``."""
     from deface.inference import Defacer
     from deface.network import TINY_ARCHITECTURE, build_network
     from deface.preprocessing import head_frame, to_canonical
 
     torch.manual_seed(0)
     network = build_network(TINY_ARCHITECTURE)
-    framed = dict(tiny_metadata, preprocessing=dict(tiny_metadata["preprocessing"], input_shape=[48, 56, 48]))
+    patch = (52, 56, 56)  # the phantom's grid at 4 mm: 52 x 56 x 56
+    framed = dict(tiny_metadata, preprocessing=dict(tiny_metadata["preprocessing"], input_shape=list(patch)))
     img = make_phantom()
     canon = to_canonical(np.asarray(img.dataobj, np.float32), img.affine, spacing=4.0, multiple=4)
-    pad = 20
-    big = torch.nn.functional.pad(canon.image, (pad,) * 6)
-    affine = canon.grid.affine.copy()
-    affine[:3, 3] -= affine[:3, :3] @ np.full(3, pad)
-    padded = CanonicalInput(big, Grid(tuple(big.shape[1:]), affine), torch.nn.functional.pad(canon.inside, (pad,) * 6))
-    inner = (slice(None), *(slice(pad, pad + n) for n in canon.image.shape[1:]))
+    assert all(n <= p for n, p in zip(canon.image.shape[1:], patch))
 
-    shape, src, dst = head_frame(padded.image, (48, 56, 48), 4)
-    head = padded.image[0] > 0.1
-    assert shape == (48, 56, 48) and head[src].sum() == head.sum()  # the whole head is in the box
+    def padded(pad: int) -> CanonicalInput:
+        big = torch.nn.functional.pad(canon.image, (pad,) * 6)
+        affine = canon.grid.affine.copy()
+        affine[:3, 3] -= affine[:3, :3] @ np.full(3, pad)
+        return CanonicalInput(big, Grid(tuple(big.shape[1:]), affine), torch.nn.functional.pad(canon.inside, (pad,) * 6))
+
+    def inner(pad: int) -> tuple[slice, ...]:
+        return (slice(None), *(slice(pad, pad + n) for n in canon.image.shape[1:]))
+
+    wide, wider = padded(20), padded(30)
+    shape, src, dst = head_frame(wide.image, patch, 4)
+    head = wide.image[0] > 0.1
+    assert shape == patch and head[src].sum() == head.sum()  # the whole head is in the window
     for axis in range(3):  # ... and centred in it, within a voxel
         rows = torch.nonzero(head.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
-        before, after = rows[0] - src[axis].start + dst[axis].start, shape[axis] - (rows[-1] + 1 - src[axis].start + dst[axis].start)
-        assert abs(int(before) - int(after)) <= 1
+        assert abs(int(rows[0] - src[axis].start) - int(src[axis].stop - rows[-1] - 1)) <= 1
+    assert head_frame(canon.image, patch, 4)[0] == tuple(canon.image.shape[1:])  # smaller: seen whole
 
     d = Defacer(network=network, metadata=framed, device="cpu")
-    small, large = d.predict([canon, padded])
-    assert torch.equal(large[inner], small)
-    assert torch.all(large[0][:pad] == 1.0)  # air beyond the frame is background
     whole = Defacer(network=network, metadata=tiny_metadata, device="cpu")
-    small, large = whole.predict([canon]) + whole.predict([padded])
-    assert not torch.allclose(large[inner], small, atol=1e-3)
+    a, b = d.predict([wide, wider])
+    assert torch.equal(a[inner(20)], b[inner(30)])
+    assert torch.all(a[0][:10] == 1.0)  # air beyond the window is background
+    assert torch.equal(d.predict([canon])[0], whole.predict([canon])[0])
+    a, b = whole.predict([wide]) + whole.predict([wider])
+    assert not torch.allclose(a[inner(20)], b[inner(30)], atol=1e-3)
 
 
 def test_a_head_longer_than_the_training_patch_is_seen_whole():
-    """The frame grows (in steps of ``multiple``) along any axis the head is longer than the patch."""
+    """The window grows (in steps of ``multiple``) along any axis the head is longer than the
+    patch, and stays inside the grid: it is never padded and never cuts the head."""
     from deface.preprocessing import head_frame
 
-    image = torch.zeros((1, 40, 90, 30))
+    image = torch.zeros((1, 48, 96, 40))
     image[0, 5:35, 3:88, 2:28] = 1.0
     shape, src, dst = head_frame(image, (32, 48, 32), 8)
     assert shape == (32, 88, 32)
-    assert src[1] == slice(1, 89) and dst[1] == slice(0, 88)  # centred: 1 voxel of air either side
+    assert src[1] == slice(1, 89) and dst == tuple(slice(0, n) for n in shape)  # centred: 1 voxel of air either side
+    assert src[2] == slice(0, 32)  # centred at 15 - 16 < 0: moved inside the grid
     assert image[(slice(None), *src)].sum() == image.sum()
 
 
