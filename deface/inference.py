@@ -398,25 +398,23 @@ class Defacer:
         through a window of the training patch's size (``input_shape``) on its head where its grid
         is larger (``head_frame``; the whole grid without it), padded together; background wherever
         the window does not reach (air)."""
-        frames = []
-        for c in inputs:
-            full = tuple(slice(0, n) for n in c.image.shape[1:])
-            frames.append(head_frame(c.image, self.input_shape, self.multiple) if self.input_shape
-                          else (tuple(c.image.shape[1:]), full, full))
+        windows = [head_frame(c.image, self.input_shape, self.multiple) if self.input_shape
+                   else tuple(slice(0, n) for n in c.image.shape[1:]) for c in inputs]
+        sizes = [tuple(s.stop - s.start for s in w) for w in windows]
         # at least two multiples a side: the deepest level's instance norm needs more than one voxel
-        shape = np.maximum(np.max([f[0] for f in frames], axis=0), 2 * self.multiple)
+        shape = np.maximum(np.max(sizes, axis=0), 2 * self.multiple)
         batch = torch.zeros((len(inputs), 1, *shape), dtype=torch.float32)
-        for i, (c, (_, src, dst)) in enumerate(zip(inputs, frames)):
-            batch[(i, slice(None), *dst)] = c.image[(slice(None), *src)]
+        for i, (c, w, (x, y, z)) in enumerate(zip(inputs, windows, sizes)):
+            batch[i, :, :x, :y, :z] = c.image[(slice(None), *w)]
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.network(batch)
         probs = torch.softmax(logits.float(), 1).cpu()
         out = []
-        for i, (c, (_, src, dst)) in enumerate(zip(inputs, frames)):
+        for i, (c, w, (x, y, z)) in enumerate(zip(inputs, windows, sizes)):
             p = torch.zeros((probs.shape[1], *c.image.shape[1:]), dtype=probs.dtype)
-            p[0] = 1.0
-            p[(slice(None), *src)] = probs[(i, slice(None), *dst)]
+            p[0] = 1.0  # air beyond the window
+            p[(slice(None), *w)] = probs[i, :, :x, :y, :z]
             out.append(p)
         return out
 

@@ -89,13 +89,11 @@ FRAME_THRESHOLD = 0.1  # normalised intensity above which a canonical voxel coun
 FRAME_MIN_SHARE = 0.02  # ... and a slice as part of the head: this share of the fullest slice's such voxels
 
 
-def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int
-               ) -> tuple[tuple[int, int, int], tuple[slice, ...], tuple[slice, ...]]:
-    """Where the network looks at a normalised canonical ``image`` (C, X, Y, Z): along any axis
-    the grid is longer than ``shape`` (the training patch), a window of that length on the head,
-    longer (in steps of ``multiple``) where the head is; the whole grid along the others. Never
-    padded, never cutting the head. Returns (window shape, the image's slices it covers, the
-    window's slices they fill: all of it).
+def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int) -> tuple[slice, slice, slice]:
+    """Where the network looks at a normalised canonical ``image`` (C, X, Y, Z), as slices of its
+    grid: along any axis the grid is longer than ``shape`` (the training patch), a window of that
+    length on the head, longer (in steps of ``multiple``) where the head is; the whole grid along
+    the others. Never padded, never cutting the head.
 
     The network learned on patches of one size, and its instance norms take their statistics over
     the whole input: the same head with 40 mm more air on every side was seen differently (IXI 015:
@@ -113,8 +111,7 @@ def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int
             lo[axis], hi[axis] = rows[0], rows[-1] + 1
     box = np.minimum(size, np.maximum(np.asarray(shape), -(-(hi - lo) // multiple) * multiple))
     start = np.clip((lo + hi) // 2 - box // 2, 0, size - box)
-    src = tuple(slice(int(s), int(s + b)) for s, b in zip(start, box))
-    return tuple(int(b) for b in box), src, tuple(slice(0, int(b)) for b in box)
+    return tuple(slice(int(s), int(s + b)) for s, b in zip(start, box))
 
 
 def antialias(data: torch.Tensor, affine: np.ndarray, spacing: float) -> tuple[torch.Tensor, np.ndarray]:

@@ -224,19 +224,20 @@ def test_the_network_sees_a_wide_field_of_view_through_a_window_of_the_training_
         big = torch.nn.functional.pad(canon.image, (pad,) * 6)
         affine = canon.grid.affine.copy()
         affine[:3, 3] -= affine[:3, :3] @ np.full(3, pad)
-        return CanonicalInput(big, Grid(tuple(big.shape[1:]), affine), torch.nn.functional.pad(canon.inside, (pad,) * 6))
+        inside = torch.nn.functional.pad(canon.inside, (pad,) * 6)
+        return CanonicalInput(big, Grid(tuple(big.shape[1:]), affine), inside)
 
     def inner(pad: int) -> tuple[slice, ...]:
         return (slice(None), *(slice(pad, pad + n) for n in canon.image.shape[1:]))
 
     wide, wider = padded(20), padded(30)
-    shape, src, dst = head_frame(wide.image, patch, 4)
+    src = head_frame(wide.image, patch, 4)
     head = wide.image[0] > 0.1
-    assert shape == patch and head[src].sum() == head.sum()  # the whole head is in the window
+    assert tuple(s.stop - s.start for s in src) == patch and head[src].sum() == head.sum()  # the whole head
     for axis in range(3):  # ... and centred in it, within a voxel
         rows = torch.nonzero(head.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
         assert abs(int(rows[0] - src[axis].start) - int(src[axis].stop - rows[-1] - 1)) <= 1
-    assert head_frame(canon.image, patch, 4)[0] == tuple(canon.image.shape[1:])  # smaller: seen whole
+    assert head_frame(canon.image, patch, 4) == tuple(slice(0, n) for n in canon.image.shape[1:])  # smaller: whole
 
     d = Defacer(network=network, metadata=framed, device="cpu")
     whole = Defacer(network=network, metadata=tiny_metadata, device="cpu")
@@ -255,9 +256,9 @@ def test_a_head_longer_than_the_training_patch_is_seen_whole():
 
     image = torch.zeros((1, 48, 96, 40))
     image[0, 5:35, 3:88, 2:28] = 1.0
-    shape, src, dst = head_frame(image, (32, 48, 32), 8)
-    assert shape == (32, 88, 32)
-    assert src[1] == slice(1, 89) and dst == tuple(slice(0, n) for n in shape)  # centred: 1 voxel of air either side
+    src = head_frame(image, (32, 48, 32), 8)
+    assert tuple(s.stop - s.start for s in src) == (32, 88, 32)
+    assert src[1] == slice(1, 89)  # centred: 1 voxel of air either side
     assert src[2] == slice(0, 32)  # centred at 15 - 16 < 0: moved inside the grid
     assert image[(slice(None), *src)].sum() == image.sum()
 
