@@ -198,9 +198,10 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     if kind == "regrid":
         return regrid(data, labels, affine)
     if kind == "wide_fov":
-        pad = [(n, n) for n in np.round(WIDE_FOV_MM / vs).astype(int)]
+        n = np.round(WIDE_FOV_MM / vs).astype(int)
         shifted = affine.copy()
-        shifted[:3, 3] -= affine[:3, :3] @ np.array([n for n, _ in pad], float)
+        shifted[:3, 3] -= affine[:3, :3] @ n
+        pad = [(k, k) for k in n]
         return np.pad(data, pad).astype(np.float32), np.pad(labels, pad), shifted
     if kind == "brain_only":
         brain = labels == BRAIN

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluate import cache_head, independent_mask
 
     from deface import BRAIN, Defacer
+    from deface.inference import changed_voxels
     from deface.preprocessing import voxel_sizes
     from deface.render import render_views
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         brain, indep = labels == BRAIN, independent_mask(args.cache, name, data, affine, ["deepbet"])
         nearest = [float(ndi.distance_transform_edt(~m, sampling=spacing)[added].min()) if added.any() else float("nan")
                    for m in (brain, indep)]
-        changed = with_ears.raw != volume.raw
+        changed = changed_voxels(with_ears.raw, volume.raw)
         print(f"{name.removeprefix('real_')} | {added.sum() * np.prod(spacing) / 1000:.1f} | {nearest[0]:.1f} | "
               f"{nearest[1]:.1f} | {int((changed & brain).sum())}, {int((changed & indep).sum())}", flush=True)
         if args.png and name in args.picture:
