@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -109,11 +111,15 @@ def tilted_in_scanner(pitch: float, roll: float, yaw: float = 0.0) -> tuple[nib.
 def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
     from deface.inference import Defacer
 
-    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
-            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
-    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", atlas_guard=guard)
-    img = nib.load(str(EXAMPLE_HEAD))
-    volume, canon, registration = defacer.prepare(img)
+    if guard:
+        defacer = tiny_atlas_defacer()
+        img, volume, canon, registration = example_prepared()
+    else:
+        meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
+                "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+        defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", atlas_guard=False)
+        img = nib.load(str(EXAMPLE_HEAD))
+        volume, canon, registration = defacer.prepare(img)
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     frontal = frontal_voxels(img)
     if guard:
@@ -131,13 +137,8 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     and in the ear region (removed by default)."""
     from deface.anatomy import EAR_MIN_X, EAR_Y, EAR_Z
     from deface.data.labels import face_region_mni, voxel_world
-    from deface.inference import Defacer
-
-    meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
-            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_face_margin_mm": 10.0}}
-    defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu")
-    img = nib.load(str(EXAMPLE_HEAD))
-    volume, canon, registration = defacer.prepare(img)
+    defacer = tiny_atlas_defacer(atlas_face_margin_mm=10.0)
+    img, volume, canon, registration = example_prepared()
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     assert result.mask.sum() > 5000
     atlas_mm = voxel_world(img.shape, registration.to_atlas @ img.affine)
@@ -367,6 +368,16 @@ def tiny_atlas_defacer(**post):
     return Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu")
 
 
+@functools.lru_cache(maxsize=1)
+def example_prepared():
+    """(image, volume, network input, registration): the example head as ``tiny_atlas_defacer().prepare``
+    gives it, registered once for the module. Shared by the tests that vary only settings applied
+    after the registration (reach, cut band, face region margin); the registration is reproducible
+    (``test_mutual_information_registration_is_reproducible_under_load``) and nothing mutates these."""
+    img = nib.load(str(EXAMPLE_HEAD))
+    return (img, *tiny_atlas_defacer().prepare(img))
+
+
 def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     """A brain alone (no more tissue than ``brain_only_max_tissue_ml``) is not registered in
     ``prepare``; when the network's masks say it looks skull-stripped (a face found or not),
@@ -435,7 +446,7 @@ def test_an_image_stored_obliquely_is_seen_along_its_own_voxel_axes():
 
     results = {}
     for name, img in (("straight", head), ("oblique", nib.Nifti1Image(data, tilt @ head.affine))):
-        volume, canon, registration = defacer.prepare(img)
+        volume, canon, registration = example_prepared()[1:] if name == "straight" else defacer.prepare(img)
         results[name] = defacer.apply(volume, canon, front_half_face(canon), registration), canon
     (straight, canon_s), (oblique, canon_o) = results["straight"], results["oblique"]
     np.testing.assert_allclose(canon_o.grid.affine, tilt @ canon_s.grid.affine, atol=1e-6)  # along the voxel axes
@@ -463,7 +474,7 @@ def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
     results = []
     for post in ({}, {"brain_only_max_tissue_ml": 1e6}):
         defacer = tiny_atlas_defacer(**post)
-        volume, canon, registration = defacer.prepare(img)
+        volume, canon, registration = defacer.prepare(img) if post else example_prepared()[1:]
         assert (registration.status == DEFERRED) == bool(post)
         results.append(defacer.apply(volume, canon, greedy_probs(canon), registration))
     now, deferred = results
@@ -526,11 +537,10 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     from deface.postprocessing import grow
     from deface.preprocessing import Grid
 
-    img = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
+    img, volume, canon, registration = example_prepared()  # Colin27 is in MNI space: the atlas brain is its brain
     results = []
     for reach, most_ml in ((0.0, 1e9), (7.0, 1e9), (7.0, 0.5)):
         defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach, atlas_network_reach_max_ml=most_ml, cut_band_mm=0.0)
-        volume, canon, registration = defacer.prepare(img)
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
         tissue = canon.image[0] > 0.1
         spill = grow(brain, 8.0, 2.0) & tissue
@@ -565,12 +575,11 @@ def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin(doubt)
     from deface.atlas import atlas_points, brain_on_grid
     from deface.postprocessing import cut_band, grow
 
-    img = nib.load(str(EXAMPLE_HEAD))
     removed = {}
     for band_mm in (0.0, 12.0):
         defacer = tiny_atlas_defacer(atlas_network_reach_mm=7.0, cut_band_mm=band_mm, cut_brain_margin_mm=10.0,
                                      **(doubt if band_mm else {"atlas_network_reach_max_ml": 0.0}))
-        volume, canon, registration = defacer.prepare(img)
+        _, volume, canon, registration = example_prepared()
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
         tissue = canon.image[0] > 0.1
         spill = grow(brain, 8.0, 2.0) & tissue
