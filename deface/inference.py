@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from deface import MODES, io
-from deface.network import build_network, downsampling_factor
+from deface.network import build_network, downsampling_factor, probabilities
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, cut_band, filled_tissue_ml,
                                   grow, looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
                                   to_native)
-from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, head_frame, native_intensities,
+from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities,
                                   to_canonical, voxel_sizes)
 
 if TYPE_CHECKING:
@@ -392,31 +392,11 @@ class Defacer:
             canon = to_canonical(ref, native_affine, self.spacing, self.multiple, rotation=turned, cleaned=True)
         return canon, replace(reg, seconds=time.perf_counter() - t0)
 
-    @torch.inference_mode()
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
         """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs, each seen
         through a window of the training patch's size (``input_shape``) on its head where its grid
-        is larger (``head_frame``; the whole grid without it), padded together; background wherever
-        the window does not reach (air)."""
-        windows = [head_frame(c.image, self.input_shape, self.multiple) if self.input_shape
-                   else tuple(slice(0, n) for n in c.image.shape[1:]) for c in inputs]
-        sizes = [tuple(s.stop - s.start for s in w) for w in windows]
-        # at least two multiples a side: the deepest level's instance norm needs more than one voxel
-        shape = np.maximum(np.max(sizes, axis=0), 2 * self.multiple)
-        batch = torch.zeros((len(inputs), 1, *shape), dtype=torch.float32)
-        for i, (c, w, (x, y, z)) in enumerate(zip(inputs, windows, sizes)):
-            batch[i, :, :x, :y, :z] = c.image[(slice(None), *w)]
-        batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.network(batch)
-        probs = torch.softmax(logits.float(), 1).cpu()
-        out = []
-        for i, (c, w, (x, y, z)) in enumerate(zip(inputs, windows, sizes)):
-            p = torch.zeros((probs.shape[1], *c.image.shape[1:]), dtype=probs.dtype)
-            p[0] = 1.0  # air beyond the window
-            p[(slice(None), *w)] = probs[i, :, :x, :y, :z]
-            out.append(p)
-        return out
+        is larger (``network.probabilities``)."""
+        return probabilities(self.network, [c.image for c in inputs], self.input_shape, self.multiple, self.device)
 
     def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
               registration: Registration | None = None) -> DefaceResult:

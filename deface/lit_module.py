@@ -1,4 +1,4 @@
-"""LightningModule: Dice + cross-entropy training, sliding-window validation on whole heads."""
+"""LightningModule: Dice + cross-entropy training; validation on whole heads seen as the wrapper sees them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
 from deface import BRAIN, FACE
+from deface.network import downsampling_factor, probabilities
 
 
 def dice_and_recall(pred: torch.Tensor, target: torch.Tensor, cls: int) -> tuple[float, float]:
@@ -24,7 +24,8 @@ def dice_and_recall(pred: torch.Tensor, target: torch.Tensor, cls: int) -> tuple
 
 
 class DefaceLitModule(L.LightningModule):
-    """Wraps the U-Net; ``net`` comes from Hydra (``model.net``)."""
+    """Wraps the U-Net; ``net`` comes from Hydra (``model.net``). ``roi_size``: the training patch,
+    through which the wrapper sees a grid larger than it (written as ``preprocessing.input_shape``)."""
 
     def __init__(self, net: torch.nn.Module, lr: float = 2e-3, weight_decay: float = 1e-5,
                  roi_size: tuple[int, int, int] = (112, 128, 128), init_weights: str | None = None,
@@ -38,6 +39,8 @@ class DefaceLitModule(L.LightningModule):
             state, _ = load_state_dict(init_weights)
             self.net.load_state_dict(state)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+        # every input side a multiple of the strides' product (a net without ``strides``: 16)
+        self.multiple = downsampling_factor({"strides": list(getattr(net, "strides", [16]))})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -50,9 +53,12 @@ class DefaceLitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, labels = batch["image"], batch["labels"]
-        logits = sliding_window_inference(image, tuple(self.hparams.roi_size), 2, self.net, overlap=0.25)
-        loss = self.loss(logits, labels[:, None])
-        pred = logits.argmax(1)
+        # the wrapper's view (network.probabilities), not a sliding window: a window pads a grid
+        # smaller than the patch up to it, and the network then sees the head differently
+        probs = probabilities(self.net, [image[0]], tuple(self.hparams.roi_size), self.multiple, image.device)[0][None]
+        labels = labels.cpu()
+        loss = self.loss(torch.log(probs.clamp_min(1e-6)), labels[:, None])  # softmax(log p) = p
+        pred = probs.argmax(1)
         metrics = {"val/loss": loss.item()}
         for name, cls in (("face", FACE), ("brain", BRAIN)):
             dice, recall = dice_and_recall(pred, labels, cls)

@@ -1,4 +1,5 @@
-"""The segmentation network: a MONAI 3D U-Net, rebuilt from a plain architecture dict.
+"""The segmentation network: a MONAI 3D U-Net, rebuilt from a plain architecture dict, and the
+one way it looks at a head (``probabilities``: the wrapper's view, also training's validation).
 
 Training builds it through Hydra (``model.net._target_``); inference rebuilds it from the
 same dict stored in the weights' metadata, without Hydra.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
 import torch
+
+from deface.preprocessing import head_frame
 
 ALLOWED_PREFIXES = ("monai.networks.nets.",)
 
@@ -44,6 +48,37 @@ def build_network(architecture: dict[str, Any], monai: bool = False) -> torch.nn
     module_name, cls_name = target.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(**args)
+
+
+@torch.inference_mode()
+def probabilities(network: torch.nn.Module, images: list[torch.Tensor], input_shape: tuple[int, int, int] | None,
+                  multiple: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Class probabilities (C, X, Y, Z), on CPU, of a batch of normalised canonical images (1, X, Y, Z)
+    as the wrapper sees them: each through a window of the training patch ``input_shape`` on its
+    head where its grid is larger (``preprocessing.head_frame``; the whole grid without a shape),
+    padded together with zeros to a common shape; background (1) wherever the window does not reach.
+    Training validates through this too, so its Dice is the wrapper's view (a sliding window pads a
+    small grid up to the patch, which the wrapper does not)."""
+    device = torch.device(device)
+    windows = [head_frame(img, input_shape, multiple) if input_shape else tuple(slice(0, n) for n in img.shape[1:])
+               for img in images]
+    sizes = [tuple(s.stop - s.start for s in w) for w in windows]
+    # at least two multiples a side: the deepest level's instance norm needs more than one voxel
+    shape = np.maximum(np.max(sizes, axis=0), 2 * multiple)
+    batch = torch.zeros((len(images), 1, *shape), dtype=torch.float32)
+    for i, (img, w, (x, y, z)) in enumerate(zip(images, windows, sizes)):
+        batch[i, :, :x, :y, :z] = img[(slice(None), *w)]
+    batch = batch.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = network(batch)
+    probs = torch.softmax(logits.float(), 1).cpu()
+    out = []
+    for i, (img, w, (x, y, z)) in enumerate(zip(images, windows, sizes)):
+        p = torch.zeros((probs.shape[1], *img.shape[1:]), dtype=probs.dtype)
+        p[0] = 1.0  # air beyond the window
+        p[(slice(None), *w)] = probs[i, :, :x, :y, :z]
+        out.append(p)
+    return out
 
 
 def downsampling_factor(architecture: dict[str, Any]) -> int:

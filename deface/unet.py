@@ -103,6 +103,7 @@ class UNet(nn.Module):
                  num_res_units: int = 0, **_: Any) -> None:
         super().__init__()
         self.res = num_res_units
+        self.strides = list(strides)  # as MONAI's UNet has it: the input's side multiple
 
         def down(cin: int, cout: int, stride: int) -> nn.Module:
             return _ResidualUnit(cin, cout, stride, self.res) if self.res > 0 else _Convolution(cin, cout, stride)

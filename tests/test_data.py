@@ -141,3 +141,30 @@ def test_label_check_flags_a_brain_label_an_extractor_disagrees_with():
     assert check_against(labels, extractor) == []
     shifted = np.roll(labels == 2, 9, axis=1)  # a registration that put the brain into the orbits
     assert "Dice" in check_against(labels, shifted)[0]
+
+
+@pytest.mark.parametrize("patch", [(16, 16, 16), (64, 64, 64)])
+def test_validation_sees_a_head_as_the_wrapper_does(tiny_metadata, patch):
+    """The training curve's Dice is the wrapper's: validation runs the network through
+    ``network.probabilities``, as ``Defacer.predict`` does, with the training patch as the window
+    (16: the phantom's grid is larger, a window on the head; 64: smaller, seen whole, not padded)."""
+    from deface.inference import Defacer
+    from deface.lit_module import DefaceLitModule, dice_and_recall
+    from deface.network import TINY_ARCHITECTURE, build_network
+    from deface.preprocessing import to_canonical
+    from tests.conftest import make_phantom, phantom_truth, world_points
+
+    torch.manual_seed(0)
+    net = build_network(TINY_ARCHITECTURE, monai=True)
+    img = make_phantom()
+    canon = to_canonical(np.asarray(img.dataobj, np.float32), img.affine, 4.0, 4)
+    assert any(n > p for n, p in zip(canon.image.shape[1:], patch)) == (patch[0] == 16)
+    labels = torch.from_numpy(phantom_truth(world_points(canon.grid.shape, canon.grid.affine))).long()
+    module = DefaceLitModule(net, roi_size=patch).eval()
+    logged = {}
+    module.log_dict = lambda metrics, **_: logged.update(metrics)
+    module.validation_step({"image": canon.image[None], "labels": labels[None]}, 0)
+    meta = dict(tiny_metadata, preprocessing={"spacing_mm": 4.0, "multiple": 4, "input_shape": list(patch)})
+    pred = Defacer(network=net, metadata=meta, device="cpu").predict([canon])[0].argmax(0)
+    for name, cls in (("face", FACE), ("brain", BRAIN)):
+        assert logged[f"val/dice_{name}"] == pytest.approx(dice_and_recall(pred, labels, cls)[0], abs=1e-9)

@@ -63,7 +63,8 @@ class SynthDataset(Dataset):
 
 
 class WholeHeadDataset(Dataset):
-    """Real heads on the canonical 2 mm grid, for sliding-window validation."""
+    """Real heads on the canonical 2 mm grid as the wrapper makes them, for validation in its view
+    (``network.probabilities``)."""
 
     def __init__(self, subjects: list[Subject], spacing: float = 2.0, multiple: int = 16) -> None:
         from deface.preprocessing import resample, to_canonical
