@@ -201,11 +201,18 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
     return Registration(to_atlas, "ok", time.perf_counter() - t0, mi)
 
 
+def head_poses(atlas: Atlas, head: Head, candidates: int = 1) -> list[np.ndarray]:
+    """First world -> atlas transforms (rotation, size and translation, ``rotation_search``) of a
+    normalised ``head`` on an axis-aligned RAS grid, whatever its pose, best outline fit first: the
+    wrapper registers from them, keeps the best intensity fit and turns the network's grid upright
+    with it."""
+    poses = rotation_search(head, atlas.head, candidates)
+    return poses if isinstance(poses, list) else [poses]
+
+
 def head_pose(atlas: Atlas, head: Head) -> np.ndarray:
-    """A first world -> atlas transform (rotation, size and translation, ``rotation_search``) of a
-    normalised ``head`` on an axis-aligned RAS grid, whatever its pose: the wrapper turns the
-    network's grid upright with it and registers from it."""
-    return rotation_search(head, atlas.head)
+    """``head_poses``' best outline fit."""
+    return head_poses(atlas, head)[0]
 
 
 def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
@@ -231,6 +238,7 @@ SEARCH_STEPS_DEG = ((range(-45, 46, 15), range(-30, 31, 15), range(-30, 31, 15))
 # ... and sizes (head -> atlas scale) in its coarse stage: a small head (IXI 296, registered at
 # scale 1.1-1.2) matched the atlas outline best 100 mm off at scale 1, within 12 mm at 1.2.
 SEARCH_SCALES = (0.9, 1.0, 1.1, 1.2)
+SEARCH_DISTINCT_DEG = 20.0  # rotation_search's candidates lie at least this far apart
 
 
 def euler(pitch: float, roll: float, yaw: float) -> np.ndarray:
@@ -260,7 +268,7 @@ def _coarse(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pooled[0].numpy(), pooled_affine
 
 
-def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
+def rotation_search(fixed: Head, moving: Head, candidates: int = 1) -> np.ndarray | list[np.ndarray]:
     """A fixed -> moving world start for the registration of a head in any pose to within +-45
     degrees of pitch and +-30 of roll and yaw: every rotation on a coarse grid at every size of
     SEARCH_SCALES, then a finer grid of rotations around the best, scored by the overlap (Dice,
@@ -327,22 +335,38 @@ def rotation_search(fixed: Head, moving: Head) -> np.ndarray:
                 centre.astype(np.float64))
 
     upright = score(np.eye(3), 1.0)
-    best = (upright[0], np.eye(3), upright[1], 1.0)
-    for stage, steps in enumerate(SEARCH_STEPS_DEG):
-        base, scales = best[1], SEARCH_SCALES if stage == 0 else (best[3],)
-        for scale in scales:
-            for pitch in steps[0]:
-                for roll in steps[1]:
-                    for yaw in steps[2]:
-                        rot = euler(pitch, roll, yaw) @ base
-                        s, centre = score(rot, scale)
-                        if s > best[0]:
-                            best = (s, rot, centre, scale)
-    _, rot, centre, scale = best
-    out = np.eye(4)
-    out[:3, :3] = scale * rot
-    out[:3, 3] = m_centre - scale * rot @ centre
-    return out
+    coarse = [(upright[0], np.eye(3), upright[1], 1.0)]
+    for scale in SEARCH_SCALES:
+        for pitch in SEARCH_STEPS_DEG[0][0]:
+            for roll in SEARCH_STEPS_DEG[0][1]:
+                for yaw in SEARCH_STEPS_DEG[0][2]:
+                    rot = euler(pitch, roll, yaw)
+                    s, centre = score(rot, scale)
+                    coarse.append((s, rot, centre, scale))
+    coarse.sort(key=lambda c: -c[0])
+    picked = []
+    for c in coarse:  # the best poses at least SEARCH_DISTINCT_DEG apart
+        if all(rotation_deg(c[1] @ p[1].T) >= SEARCH_DISTINCT_DEG for p in picked):
+            picked.append(c)
+        if len(picked) == candidates:
+            break
+    outs = []
+    for best in picked:
+        base, scale = best[1], best[3]
+        steps = SEARCH_STEPS_DEG[1]
+        for pitch in steps[0]:
+            for roll in steps[1]:
+                for yaw in steps[2]:
+                    rot = euler(pitch, roll, yaw) @ base
+                    s, centre = score(rot, scale)
+                    if s > best[0]:
+                        best = (s, rot, centre, scale)
+        _, rot, centre, scale = best
+        out = np.eye(4)
+        out[:3, :3] = scale * rot
+        out[:3, 3] = m_centre - scale * rot @ centre
+        outs.append(out)
+    return outs[0] if candidates == 1 else outs
 
 
 def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), start: np.ndarray | None = None

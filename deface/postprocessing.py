@@ -72,6 +72,10 @@ class PostprocessConfig:
     # (face Dice on IXI 015, 052, niivue).
     atlas_search_deg: float = 20.0
     atlas_search_mi_margin: float = 0.0  # the search's fit is kept when its MI is lower by more than this
+    # ... registered from this many of the search's best poses (at least ``SEARCH_DISTINCT_DEG`` apart;
+    # the best intensity fit kept): the head outline fits some wrong poses best (docs/evaluation.md
+    # 2026-12-06 (c))
+    atlas_search_candidates: int = 1
     atlas_upright_deg: float = 25.0
     atlas_upright_pitch_deg: float = 10.0
     # ... and so is a head the kept registration finds turned more than this about the other two

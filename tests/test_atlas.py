@@ -316,7 +316,7 @@ def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose
     searched_pose = np.eye(4)
     searched_pose[:3, :3] = euler(*pose)
     monkeypatch.setattr(atlas_module, "register_atlas", register_atlas)
-    monkeypatch.setattr(atlas_module, "head_pose", lambda atlas, head: searched_pose)
+    monkeypatch.setattr(atlas_module, "head_poses", lambda atlas, head, candidates=1: [searched_pose])
     monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, to_moving: 0.0)
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
@@ -325,6 +325,49 @@ def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose
     assert len(starts) == (2 if searched else 1)
     if searched:
         np.testing.assert_array_equal(starts[1], searched_pose)
+
+
+def test_a_tilted_head_is_registered_from_each_searched_pose_and_the_best_intensity_fit_kept(monkeypatch):
+    """The head outline fits some wrong poses best (a FLAIR tilted 25 degrees: 26 mm off at the face
+    from the best outline's start, 8 mm from the second's): with ``atlas_search_candidates`` the
+    wrapper registers from each of the search's poses and keeps the lowest whole-head MI, the
+    upright fit included; the pose search offers them best first, distinct."""
+    import deface.atlas as atlas_module
+    from deface.atlas import Head, Registration, euler, rigid_part, rotation_deg, rotation_search
+    from deface.inference import Defacer
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(30.0, 10.0)
+    head = Head(image, affine)
+    poses = rotation_search(head, atlas.head, 3)
+    np.testing.assert_array_equal(poses[0], rotation_search(head, atlas.head))
+    for i in range(3):  # seeded SEARCH_DISTINCT_DEG apart; refined, two lie 5 degrees apart here
+        for j in range(i):
+            assert rotation_deg(rigid_part(poses[i][:3, :3]) @ rigid_part(poses[j][:3, :3]).T) > 1.0
+
+    candidates = [np.eye(4) for _ in range(3)]
+    for c, angles in zip(candidates, ((30.0, 0.0, 0.0), (35.0, 5.0, 0.0), (25.0, -5.0, 5.0))):
+        c[:3, :3] = euler(*angles)
+    fits = {None: -0.1, 0: -0.15, 1: -0.25, 2: -0.2}  # upright, then each candidate: the second fits best
+    index = {id(c): k for k, c in enumerate(candidates)}
+    starts = []
+
+    def register_atlas(atlas, image, affine, shrink=(4, 2), start=None, head=None):
+        starts.append(None if start is None else index[id(start)])
+        return Registration(np.eye(4) if start is None else start.copy(), "ok", 0.0, fits[starts[-1]])
+
+    def head_mi(fixed, moving, to_moving):
+        return next(fits[k] for k, c in enumerate(candidates) if np.array_equal(c, to_moving))
+
+    monkeypatch.setattr(atlas_module, "register_atlas", register_atlas)
+    monkeypatch.setattr(atlas_module, "head_poses", lambda atlas, head, k=1: candidates[:k])
+    monkeypatch.setattr(atlas_module, "head_mi", head_mi)
+    for k, kept in ((1, 0), (3, 1)):
+        defacer = tiny_atlas_defacer(atlas_search_candidates=k)
+        starts.clear()
+        _, _, registration = defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
+        assert starts == [None, *range(k)]
+        np.testing.assert_array_equal(registration.to_atlas, candidates[kept])
 
 
 def test_registration_reports_the_fit_it_was_chosen_by():
