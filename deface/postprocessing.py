@@ -75,7 +75,7 @@ class PostprocessConfig:
     # ... registered from this many of the search's best poses (at least ``SEARCH_DISTINCT_DEG`` apart;
     # the best intensity fit kept): the head outline fits some wrong poses best (docs/evaluation.md
     # 2026-12-06 (c))
-    atlas_search_candidates: int = 1
+    atlas_search_candidates: int = 3
     atlas_upright_deg: float = 25.0
     atlas_upright_pitch_deg: float = 10.0
     # ... and so is a head the kept registration finds turned more than this about the other two
