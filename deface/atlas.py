@@ -206,8 +206,7 @@ def head_poses(atlas: Atlas, head: Head, candidates: int = 1) -> list[np.ndarray
     normalised ``head`` on an axis-aligned RAS grid, whatever its pose, best outline fit first: the
     wrapper registers from them, keeps the best intensity fit and turns the network's grid upright
     with it."""
-    poses = rotation_search(head, atlas.head, candidates)
-    return poses if isinstance(poses, list) else [poses]
+    return rotation_search(head, atlas.head, candidates)
 
 
 def head_pose(atlas: Atlas, head: Head) -> np.ndarray:
@@ -268,10 +267,11 @@ def _coarse(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pooled[0].numpy(), pooled_affine
 
 
-def rotation_search(fixed: Head, moving: Head, candidates: int = 1) -> np.ndarray | list[np.ndarray]:
-    """A fixed -> moving world start for the registration of a head in any pose to within +-45
+def rotation_search(fixed: Head, moving: Head, candidates: int = 1) -> list[np.ndarray]:
+    """Fixed -> moving world starts for the registration of a head in any pose to within +-45
     degrees of pitch and +-30 of roll and yaw: every rotation on a coarse grid at every size of
-    SEARCH_SCALES, then a finer grid of rotations around the best, scored by the overlap (Dice,
+    SEARCH_SCALES, then a finer grid of rotations around each of the ``candidates`` best (seeded at
+    least ``SEARCH_DISTINCT_DEG`` apart; best first), scored by the overlap (Dice,
     volumes in the moving head's space) of the two head outlines (blind to contrast) within the
     moving head's field of view; each rotation's translation matches the centroids of the two
     outlines over the anatomy both cover. Starts near upright are all the affine optimiser
@@ -366,7 +366,7 @@ def rotation_search(fixed: Head, moving: Head, candidates: int = 1) -> np.ndarra
         out[:3, :3] = scale * rot
         out[:3, 3] = m_centre - scale * rot @ centre
         outs.append(out)
-    return outs[0] if candidates == 1 else outs
+    return outs
 
 
 def register_pose(fixed: Head, atlas: Atlas, shrink: tuple[int, ...] = (4, 2), start: np.ndarray | None = None
