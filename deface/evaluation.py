@@ -28,7 +28,7 @@ from deface import BRAIN, FACE
 from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
 
-CONTRASTS = ("original", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
+CONTRASTS = ("original", "stored", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
 # (pitch, roll, yaw) in degrees of the head moved in world space (``atlas.euler``)
 TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0)}
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", *TILTS,
@@ -58,7 +58,9 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray) -> float:
 def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.ndarray:
     """A crude other-contrast version of a T1 image (float32), same grid.
 
-    Intensities are rescaled to [0, 1] by the 99.5th percentile; inside the head (labels > 0 or
+    ``stored``: the image as given, values untouched (float32), as a user or the judge gives it;
+    every other kind first rescales the intensities to [0, 1] by the 99.5th percentile and clips
+    above it (``original``: that alone). Inside the head (labels > 0 or
     signal above 10 %): ``t2like`` inverts them (CSF and fluid bright, white matter dark),
     ``pdlike`` flattens them (gamma 0.35), ``flairlike`` inverts and then darkens the brightest
     (fluid) tail. Air stays dark, except in ``unilike``: the T1 as it is, its air outside the filled
@@ -70,6 +72,8 @@ def contrast_variant(image: np.ndarray, labels: np.ndarray, kind: str) -> np.nda
     at ~0.075; seeded).
     """
     x = image.astype(np.float32)
+    if kind == "stored":
+        return x
     x = np.clip(x / max(float(np.percentile(x, 99.5)), 1e-6), 0, 1)
     if kind == "original":
         return x

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache folder")
     p.add_argument("--subjects", nargs="*", default=[], help="real heads in the cache, e.g. real_niivue_otsu_t1")
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"))
-    p.add_argument("--contrasts", nargs="+", default=["original"], help="original t2like pdlike flairlike unilike biased noisy")
+    p.add_argument("--contrasts", nargs="+", default=["original"], help="original (rescaled, clipped at the 99.5th percentile) stored (the cached values as they are) "
+                   "t2like pdlike flairlike unilike biased noisy")
     p.add_argument("--acquisitions", nargs="+", default=["original"],
                    help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled crop_chin crop_mouth "
                         "crop_nose brain_only regrid, or all; steps compose with +, e.g. tilted+crop_mouth")
