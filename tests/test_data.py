@@ -10,7 +10,7 @@ import torch
 
 from deface import BRAIN, FACE
 from deface.data.labels import compose_labels, face_region_mni
-from deface.data.synthesis import Subject, SynthConfig, synthesize
+from deface.data.synthesis import Subject, SynthConfig, source_box, synthesize
 
 
 def test_face_region_covers_nose_lips_chin_not_brain_or_ears():
@@ -34,6 +34,32 @@ def phantom_subject(kind: str) -> Subject:
     if kind == "tissue":
         return Subject("phantom", torch.from_numpy(labels), affine, tissue=torch.from_numpy(tissue))
     return Subject("phantom", torch.from_numpy(labels), affine, image=torch.from_numpy(tissue / 5.0).float())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sampling_the_reached_box_equals_sampling_the_whole_source(seed):
+    """Training reads only the box its patch reaches: the same values, border and outside included."""
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.rand((23, 31, 17), generator=gen)
+    centre = torch.rand(3, generator=gen) * 2.4 - 1.2  # partly outside the source
+    coords = (centre + 0.5 * (torch.rand((1, 9, 8, 7, 3), generator=gen) - 0.5)).float()
+    box, scaled = source_box(coords, tuple(source.shape))
+    for mode in ("bilinear", "nearest"):
+        whole = torch.nn.functional.grid_sample(source[None, None], coords, mode=mode, align_corners=True)
+        boxed = torch.nn.functional.grid_sample(source[box][None, None], scaled, mode=mode, align_corners=True)
+        assert torch.allclose(whole, boxed, atol=1e-5)
+    assert all(b.stop - b.start < n for b, n in zip(box, source.shape))
+
+
+def test_cached_uint8_image_is_sampled_as_its_float_values():
+    float_subject = phantom_subject("image")
+    scale = 1.5 / 255
+    stored = torch.round(float_subject.image / scale).to(torch.uint8)
+    uint8_subject = Subject("phantom", float_subject.labels, float_subject.affine, image=stored, image_scale=scale)
+    cfg = SynthConfig(patch=(32, 40, 40))
+    a = synthesize(float_subject, cfg, np.random.default_rng(1))
+    b = synthesize(uint8_subject, cfg, np.random.default_rng(1))
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], atol=0.05)
 
 
 def test_compose_labels_keeps_gap_to_brain():

@@ -37,6 +37,8 @@ TEMPLATES = {"ixi012_t1": "brainweb", "ixi015_t1": "brainweb"}
 # orbits), on the coarse registration pyramid (labeller.FAST_SHRINK: 2.4x faster, label Dice 0.985
 # against the full pyramid on an IXI T1, a NiChart T1 and its FLAIR). Stored as ``real_<file stem>``.
 EXTRA_DIR = "heads_extra"
+# A cached real image's uint8 value times this is its normalised intensity (to_unit: 1.5 -> 255).
+UNIT_SCALE = 1.5 / 255
 
 
 def _to_ras_1mm(data: np.ndarray, affine: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +55,7 @@ def to_unit(image: np.ndarray) -> np.ndarray:
     """Percentile-normalise a real image and quantise to uint8 (1.5 -> 255)."""
     lo, hi = np.percentile(image, [0.5, 99.5])
     x = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1.5)
-    return np.round(x / 1.5 * 255).astype(np.uint8)
+    return np.round(x / UNIT_SCALE).astype(np.uint8)
 
 
 def store_real(data: np.ndarray, affine: np.ndarray, labels: np.ndarray, to_mni: np.ndarray, name: str,
@@ -234,11 +236,10 @@ def load_subject(path: Path):
 
     path = Path(path)
     z = np.load(path)
-    image = None
-    if "image" in z:
-        image = torch.from_numpy(z["image"].astype(np.float32) * (1.5 / 255))
+    image = torch.from_numpy(z["image"]) if "image" in z else None  # uint8, see to_unit
     tissue = torch.from_numpy(z["tissue"]) if "tissue" in z else None
-    return Subject(path.stem, torch.from_numpy(z["labels"]), z["affine"], tissue=tissue, image=image)
+    return Subject(path.stem, torch.from_numpy(z["labels"]), z["affine"], tissue=tissue, image=image,
+                   image_scale=UNIT_SCALE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ class WholeHeadDataset(Dataset):
         for s in subjects:
             if s.image is None:
                 continue
-            canon = to_canonical(s.image.numpy(), s.affine, spacing, multiple)
+            canon = to_canonical(s.float_image().numpy(), s.affine, spacing, multiple)
             labels = resample(s.labels[None].float(), s.affine, canon.grid, mode="nearest")[0].long()
             self.items.append({"image": canon.image, "labels": labels, "name": s.name})
 

@@ -44,7 +44,8 @@ class Subject:
     labels: torch.Tensor  # (X, Y, Z) uint8: 0 background, 1 face, 2 brain
     affine: np.ndarray
     tissue: torch.Tensor | None = None  # (X, Y, Z) uint8 BrainWeb classes, for synthesis
-    image: torch.Tensor | None = None  # (X, Y, Z) float in [0, 1], a real scan
+    image: torch.Tensor | None = None  # (X, Y, Z) a real scan: values in [0, 1] once times image_scale
+    image_scale: float = 1.0  # the cache keeps images as uint8 (a quarter of float32's memory)
 
     centre: np.ndarray = field(init=False)
     codes: torch.Tensor | None = field(init=False, default=None)
@@ -58,6 +59,11 @@ class Subject:
                 raise ValueError(f"{self.name}: tissue classes must be < {N_TISSUES}, labels < {N_LABELS}")
             # Tissue class and label in one byte, so one nearest-neighbour sampling serves both.
             self.codes = self.tissue * N_LABELS + self.labels
+
+    def float_image(self, box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
+        """The real image (or a box of it) as float32 in [0, 1]."""
+        image = self.image if box is None else self.image[box]
+        return image.to(torch.float32).mul_(self.image_scale) if self.image_scale != 1.0 else image.float()
 
 
 @dataclass
@@ -220,26 +226,48 @@ def crop_box(shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
     return box
 
 
+def source_box(coords: torch.Tensor, shape: tuple[int, int, int]) -> tuple[tuple[slice, slice, slice], torch.Tensor]:
+    """The box of a (X, Y, Z) source that ``grid_sample`` coordinates (1, *patch, 3; align_corners)
+    reach, and the coordinates normalised to that box: sampling the box gives what sampling the
+    whole source gives (zero padding included), and only the box is made float."""
+    low, high = coords.reshape(-1, 3).aminmax(dim=0)
+    box, gain, offset = [], [0.0] * 3, [0.0] * 3
+    for axis in range(3):
+        n, c = shape[axis], 2 - axis  # grid_sample's channels are the array's axes reversed
+        half = 0.5 * (n - 1)
+        lo = min(max(math.floor((float(low[c]) + 1) * half), 0), n - 2)
+        hi = max(min(math.floor((float(high[c]) + 1) * half) + 2, n), lo + 2)
+        box.append(slice(lo, hi))
+        # x -> index (x + 1) * half -> box index - lo -> normalised over hi - lo voxels
+        gain[c] = half * 2.0 / (hi - lo - 1)
+        offset[c] = (half - lo) * 2.0 / (hi - lo - 1) - 1.0
+    return tuple(box), coords * torch.tensor(gain) + torch.tensor(offset)
+
+
 def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pair: image (1, *patch) float32 and labels (*patch) int64."""
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    # Only a table lookup touches the 1 mm source; per-voxel work happens on the 2 mm patch.
+    means = stds = None
     if subject.tissue is not None:
         means, stds = random_contrast(cfg, rng)
-        source = torch.from_numpy(np.take(means.numpy(), subject.tissue.numpy()))  # uint8 indices, no copy to int64
-    else:
-        source = subject.image
     grid = spatial_transform(cfg, rng, subject.centre)
-    coords = sampling_grid(subject.affine, tuple(source.shape), grid)
+    shape = tuple(subject.labels.shape)
+    coords = sampling_grid(subject.affine, shape, grid)
     if cfg.elastic_mm > 0:
         disp = smooth_field(cfg.patch, 3, 5, gen).permute(1, 2, 3, 0)[None]
-        scale = torch.tensor([2.0 / (s - 1) for s in source.shape[::-1]])
+        scale = torch.tensor([2.0 / (s - 1) for s in shape[::-1]])
         coords = coords + disp * rng.uniform(0, cfg.elastic_mm) * scale
+    inside = (coords.abs() <= 1).all(-1)[0]
+    # Only the box the patch reaches is read from the 1 mm source (and made float).
+    box, coords = source_box(coords, shape)
+    if means is not None:
+        source = torch.from_numpy(np.take(means.numpy(), subject.tissue[box].numpy()))  # uint8 indices
+    else:
+        source = subject.float_image(box)
     image = F.grid_sample(source[None, None], coords, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     nearest = subject.codes if subject.codes is not None else subject.labels
-    nearest = F.grid_sample(nearest[None, None].float(), coords, mode="nearest", padding_mode="zeros",
+    nearest = F.grid_sample(nearest[box][None, None].float(), coords, mode="nearest", padding_mode="zeros",
                             align_corners=True)[0, 0].long()
-    inside = (coords.abs() <= 1).all(-1)[0]
     labels = nearest % N_LABELS if subject.codes is not None else nearest
     if subject.tissue is not None:
         tissue = nearest // N_LABELS
