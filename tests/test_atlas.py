@@ -381,6 +381,7 @@ def test_registration_reports_the_fit_it_was_chosen_by():
     assert reg.mi == pytest.approx(head_mi(Head(image, affine), atlas.head, reg.to_atlas), abs=1e-6)
 
 
+@pytest.mark.slow  # two registrations with a busy thread beside them: ~12 s
 def test_mutual_information_registration_is_reproducible_under_load():
     """The same head registered alone and while two more registrations compete for the cores gives
     the same transform to the last bit (ITK's threaded Mattes derivative once summed in arrival order)."""
@@ -544,6 +545,7 @@ def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     assert not result.mask[frontal_voxels(img, tilt)].any()
 
 
+@pytest.mark.slow  # two full registrations: ~15 s
 def test_registration_does_not_depend_on_the_brightest_tail():
     """The same head with its brightest voxels (normalised above 1: fat, vessels, markers) made
     brighter still registers to the same transform: a rescaling that clips that tail flipped the
