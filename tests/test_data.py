@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deface import BRAIN, FACE
+from deface.data.cache import UNIT_SCALE
 from deface.data.labels import compose_labels, face_region_mni
 from deface.data.synthesis import Subject, SynthConfig, source_box, synthesize
 
@@ -53,7 +54,7 @@ def test_sampling_the_reached_box_equals_sampling_the_whole_source(seed):
 
 def test_cached_uint8_image_is_sampled_as_its_float_values():
     float_subject = phantom_subject("image")
-    scale = 1.5 / 255
+    scale = UNIT_SCALE
     stored = torch.round(float_subject.image / scale).to(torch.uint8)
     uint8_subject = Subject("phantom", float_subject.labels, float_subject.affine, image=stored, image_scale=scale)
     cfg = SynthConfig(patch=(32, 40, 40))

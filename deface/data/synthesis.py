@@ -44,7 +44,7 @@ class Subject:
     labels: torch.Tensor  # (X, Y, Z) uint8: 0 background, 1 face, 2 brain
     affine: np.ndarray
     tissue: torch.Tensor | None = None  # (X, Y, Z) uint8 BrainWeb classes, for synthesis
-    image: torch.Tensor | None = None  # (X, Y, Z) a real scan: values in [0, 1] once times image_scale
+    image: torch.Tensor | None = None  # (X, Y, Z) a real scan: values in [0, 1.5] once times image_scale
     image_scale: float = 1.0  # the cache keeps images as uint8 (a quarter of float32's memory)
 
     centre: np.ndarray = field(init=False)
@@ -61,9 +61,12 @@ class Subject:
             self.codes = self.tissue * N_LABELS + self.labels
 
     def float_image(self, box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
-        """The real image (or a box of it) as float32 in [0, 1]."""
+        """The real image (or a box of it) as float32 in [0, 1.5]; never a view that could be
+        scaled in place."""
         image = self.image if box is None else self.image[box]
-        return image.to(torch.float32).mul_(self.image_scale) if self.image_scale != 1.0 else image.float()
+        if self.image_scale == 1.0:
+            return image.float()
+        return image.to(torch.float32, copy=True).mul_(self.image_scale)
 
 
 @dataclass
@@ -241,13 +244,12 @@ def source_box(coords: torch.Tensor, shape: tuple[int, int, int]) -> tuple[tuple
         # x -> index (x + 1) * half -> box index - lo -> normalised over hi - lo voxels
         gain[c] = half * 2.0 / (hi - lo - 1)
         offset[c] = (half - lo) * 2.0 / (hi - lo - 1) - 1.0
-    return tuple(box), coords * torch.tensor(gain) + torch.tensor(offset)
+    return tuple(box), (coords * torch.tensor(gain)).add_(torch.tensor(offset))
 
 
 def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One training pair: image (1, *patch) float32 and labels (*patch) int64."""
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    means = stds = None
     if subject.tissue is not None:
         means, stds = random_contrast(cfg, rng)
     grid = spatial_transform(cfg, rng, subject.centre)
@@ -260,7 +262,7 @@ def synthesize(subject: Subject, cfg: SynthConfig, rng: np.random.Generator) -> 
     inside = (coords.abs() <= 1).all(-1)[0]
     # Only the box the patch reaches is read from the 1 mm source (and made float).
     box, coords = source_box(coords, shape)
-    if means is not None:
+    if subject.tissue is not None:
         source = torch.from_numpy(np.take(means.numpy(), subject.tissue[box].numpy()))  # uint8 indices
     else:
         source = subject.float_image(box)
