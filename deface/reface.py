@@ -1,6 +1,6 @@
 """``--mode reface``: the removed voxels take a generic face instead of a hole.
 
-The generic head is voxface's Conte Core 2 template (mean T1w head of 50 adults, MIT, see
+The generic head is FSL's MNI152 T1 2 mm average of 152 adults (MNI's permissive notice in
 deface/assets/README.md), stored in atlas space with three tissue classes (dark, middle,
 bright) besides air (``scripts/build_reface_template.py``). The atlas registration the guard
 already computes places it on the scan; each class is painted with the scan's own median
