@@ -602,7 +602,7 @@ class Defacer:
             if mode == "reface":
                 sub = vol[box]
                 sub[remove[box]] = volume.to_raw(reface.reface_values(volume.scaled(sub), remove[box], weights,
-                                                                      voxel_mm))
+                                                                      voxel_mm, rng=rng))
                 vol[box] = sub
             elif mode == "zero":
                 vol[remove] = volume.to_raw(np.zeros(1))[0]

@@ -7,8 +7,11 @@ already computes places it on the scan; each class is painted with the scan's ow
 intensity for that class inside the removed region, so the face takes the scan's contrast
 (T1, T2, FLAIR, CT alike: only the order of the classes comes from the template). Within
 ``BLEND_MM`` of the region's edge the fill fades into values extrapolated from outside the
-region, so no seam shows and no original face voxel leaks back. Only ``remove`` voxels are
-written, so the protected brain never changes.
+region, so no seam shows. Before the fade, the painted face takes the region's own values, dealt
+out in its order (``keep_histogram``): away from the edge the image keeps the values it had, so a
+tool that normalises by the whole image's statistics (deepbet) sees nearly the same numbers, and
+the face has the scan's own texture, while where each value lands comes from the generic face
+alone. Only ``remove`` voxels are written, so the protected brain never changes.
 """
 
 from __future__ import annotations
@@ -123,13 +126,28 @@ def class_levels(values: np.ndarray, weights: np.ndarray, region: np.ndarray) ->
     return levels
 
 
+def keep_histogram(fill: np.ndarray, original: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The ``original`` values (1-D) reordered to follow ``fill`` (same length): the k-th smallest
+    fill voxel takes the k-th smallest original value, ties (a class painted flat) broken at
+    random. The multiset of values is the original's; their places come from ``fill`` and ``rng``
+    only, never from where each value was. With non-finite originals the fill is returned as is."""
+    if not np.all(np.isfinite(original)):
+        return fill
+    order = np.lexsort((rng.random(fill.size), fill))
+    out = np.empty(fill.size, dtype=np.float64)
+    out[order] = np.sort(original.astype(np.float64))
+    return out
+
+
 def reface_values(values: np.ndarray, region: np.ndarray, weights: np.ndarray, voxel_mm: np.ndarray,
-                  blend_mm: float = BLEND_MM) -> np.ndarray:
+                  blend_mm: float = BLEND_MM, rng: np.random.Generator | None = None) -> np.ndarray:
     """New values for the ``region`` voxels of ``values`` (a box of one volume, scaled): the
-    class levels painted by ``weights``, faded within ``blend_mm`` of the edge into a
+    class levels painted by ``weights``, the region's own values dealt out in that order
+    (``keep_histogram``; ``rng``: its ties), faded within ``blend_mm`` of the edge into a
     normalised smoothing of the values outside the region (never of the region's own)."""
     levels = class_levels(values, weights, region)
     fill = np.tensordot(levels, weights, axes=1) / np.maximum(weights.sum(0), 1e-6)
+    fill[region] = keep_histogram(fill[region], values[region], np.random.default_rng(0) if rng is None else rng)
     outside = (~region).astype(np.float64)
     sigma = (blend_mm / 2.0) / np.maximum(voxel_mm, 1e-3)
     finite_vals = np.where(np.isfinite(values), values, 0.0)

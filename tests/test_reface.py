@@ -57,15 +57,32 @@ def test_fill_paints_the_scans_levels_inside_the_region(scan):
     sub, region = values[box], remove[box]
     new = reface.reface_values(sub, region, w, voxel_mm)
     assert new.shape == (int(region.sum()),)
-    assert np.all(np.isfinite(new)) and new.min() >= T2_LIKE.min() - 1e-3 and new.max() <= T2_LIKE.max() + 1e-3
-    # Deep inside the region the fill is the painted template: the same image here.
     from scipy import ndimage as ndi
 
-    deep = ndi.distance_transform_edt(region, sampling=voxel_mm)[region] > reface.BLEND_MM + 2
+    depth = ndi.distance_transform_edt(region, sampling=voxel_mm)[region]
+    # beyond the fade the region holds its own values (only their places change)
+    assert np.isin(new[depth >= reface.BLEND_MM], sub[region]).all()
+    # Deep inside the region the fill is the painted template: the same image here, so almost every
+    # voxel there takes its own class's level (a few swap with a neighbouring class's rank).
+    deep = depth > reface.BLEND_MM + 2
     hard = np.argmax(w, 0)[region]
     confident = deep & (w.max(0)[region] > 0.99)
     assert confident.sum() > 1000
-    assert np.abs(new[confident] - T2_LIKE[hard[confident]]).max() <= 0.01 * np.ptp(T2_LIKE) + 1e-3
+    assert np.mean(new[confident] == T2_LIKE[hard[confident]]) >= 0.95
+
+
+def test_values_are_dealt_in_the_fills_order_not_their_own():
+    """keep_histogram: the smallest fill voxel takes the smallest value whatever its place was,
+    ties are broken by the generator, and a region with NaN keeps the fill."""
+    fill = np.array([2.0, 0.0, 1.0, 1.0, 3.0])
+    original = np.array([40.0, 10.0, 30.0, 20.0, 50.0])
+    out = reface.keep_histogram(fill, original, np.random.default_rng(0))
+    assert out[1] == 10.0 and out[0] == 40.0 and out[4] == 50.0 and set(out[2:4]) == {20.0, 30.0}
+    shuffled = reface.keep_histogram(fill, original[::-1].copy(), np.random.default_rng(0))
+    assert np.array_equal(shuffled, out)  # where each value was does not matter
+    with_nan = original.copy()
+    with_nan[2] = np.nan
+    assert np.array_equal(reface.keep_histogram(fill, with_nan, np.random.default_rng(0)), fill)
 
 
 def test_depth_fit_puts_a_misplaced_generic_face_back_on_the_face(scan):
