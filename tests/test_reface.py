@@ -159,3 +159,27 @@ def test_defacer_reface_paints_only_the_mask_and_keeps_the_brain(tiny_metadata):
     assert result.stats["mode"] == "reface" and changed.any() and not (changed & ~result.mask).any()
     assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
     assert result.raw.dtype == volume.raw.dtype and result.to_atlas is not None
+
+
+def test_each_volume_of_a_4d_image_keeps_its_own_values(tiny_metadata, scan):
+    """--mode reface on a 4D image: every volume changes only inside the mask, and away from the
+    fade each volume's refaced voxels hold values of that volume's own removed region."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    from deface import io
+    from deface.inference import Defacer
+    from deface.network import TINY_ARCHITECTURE, build_network
+
+    values, remove, affine, to_atlas = scan
+    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode="reface",
+                atlas_guard=False)
+    stack = np.stack([np.round(values), np.round(values) * 3 + 1], -1).astype(np.int16)
+    volume = io.from_image(nib.Nifti1Image(stack, affine), None)
+    raw = d.replace(volume, remove, to_atlas)
+    deep = ndi.distance_transform_edt(remove, sampling=voxel_sizes(affine)) >= reface.BLEND_MM
+    for t in range(2):
+        changed = raw[..., t] != stack[..., t]
+        assert changed.any() and not (changed & ~remove).any()
+        assert np.isin(raw[..., t][deep], stack[..., t][remove]).all()
+    assert not np.isin(raw[..., 1][deep], stack[..., 0][remove]).all()
