@@ -646,6 +646,7 @@ def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin(doubt)
     assert torch.equal(removed[0.0] & ~band, removed[12.0] & ~band)  # away from the cut: the same
 
 
+@pytest.mark.slow  # 12 s: an equivalence of an optimisation; the default run stays under 5 minutes in CI
 def test_the_full_resolution_level_on_a_cropped_grid_gives_the_whole_grids_transform(monkeypatch):
     """register_affine's last, dense full-resolution level runs on the fixed image cropped to the
     metric region, with the step scales ITK estimates on the whole grid given by hand: the
