@@ -135,7 +135,7 @@ def keep_histogram(fill: np.ndarray, original: np.ndarray, rng: np.random.Genera
         return fill
     order = np.lexsort((rng.random(fill.size), fill))
     out = np.empty(fill.size, dtype=np.float64)
-    out[order] = np.sort(original.astype(np.float64))
+    out[order] = np.sort(original)  # cast to float64 on assignment: one copy, not two
     return out
 
 

@@ -121,16 +121,23 @@ def test_edge_fades_into_the_outside_values(scan):
     assert boundary_step(reface.BLEND_MM) < 0.6 * boundary_step(1e-3)
 
 
-def test_replace_writes_only_the_mask_and_falls_back_to_zero_without_registration(tiny_metadata, scan):
-    import nibabel as nib
-
-    from deface import io
+@pytest.fixture
+def refacer(tiny_metadata):
+    """A reface-mode Defacer with a tiny network and no atlas guard, for ``Defacer.replace``."""
     from deface.inference import Defacer
     from deface.network import TINY_ARCHITECTURE, build_network
 
+    return Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode="reface",
+                   atlas_guard=False)
+
+
+def test_replace_writes_only_the_mask_and_falls_back_to_zero_without_registration(refacer, scan):
+    import nibabel as nib
+
+    from deface import io
+
     values, remove, affine, to_atlas = scan
-    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode="reface",
-                atlas_guard=False)
+    d = refacer
     img = nib.Nifti1Image(np.round(values).astype(np.int16), affine)
     volume = io.from_image(img, None)
     raw = d.replace(volume, remove, to_atlas)
@@ -161,22 +168,18 @@ def test_defacer_reface_paints_only_the_mask_and_keeps_the_brain(tiny_metadata):
     assert result.raw.dtype == volume.raw.dtype and result.to_atlas is not None
 
 
-def test_each_volume_of_a_4d_image_keeps_its_own_values(tiny_metadata, scan):
+def test_each_volume_of_a_4d_image_keeps_its_own_values(refacer, scan):
     """--mode reface on a 4D image: every volume changes only inside the mask, and away from the
     fade each volume's refaced voxels hold values of that volume's own removed region."""
     import nibabel as nib
     from scipy import ndimage as ndi
 
     from deface import io
-    from deface.inference import Defacer
-    from deface.network import TINY_ARCHITECTURE, build_network
 
     values, remove, affine, to_atlas = scan
-    d = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=tiny_metadata, device="cpu", mode="reface",
-                atlas_guard=False)
     stack = np.stack([np.round(values), np.round(values) * 3 + 1], -1).astype(np.int16)
     volume = io.from_image(nib.Nifti1Image(stack, affine), None)
-    raw = d.replace(volume, remove, to_atlas)
+    raw = refacer.replace(volume, remove, to_atlas)
     deep = ndi.distance_transform_edt(remove, sampling=voxel_sizes(affine)) >= reface.BLEND_MM
     for t in range(2):
         changed = raw[..., t] != stack[..., t]
