@@ -402,9 +402,10 @@ class Defacer:
 
     def predict(self, inputs: list[CanonicalInput]) -> list[torch.Tensor]:
         """Class probabilities (C, X, Y, Z) on CPU for a batch of canonical inputs, each seen
-        through a window of the training patch's size (``input_shape``) on its head where its grid
-        is larger (``network.probabilities``)."""
-        return probabilities(self.network, [c.image for c in inputs], self.input_shape, self.multiple, self.device)
+        through a window fitted to its head where its grid is larger than the training patch
+        (``input_shape``; ``network.probabilities``)."""
+        return probabilities(self.network, [c.image for c in inputs], self.input_shape, self.multiple, self.spacing,
+                             self.device)
 
     def apply(self, volume: io.Volume, canon: CanonicalInput, probs: torch.Tensor,
               registration: Registration | None = None) -> DefaceResult:

@@ -25,11 +25,12 @@ def dice_and_recall(pred: torch.Tensor, target: torch.Tensor, cls: int) -> tuple
 
 class DefaceLitModule(L.LightningModule):
     """Wraps the U-Net; ``net`` comes from Hydra (``model.net``). ``roi_size``: the training patch,
-    through which the wrapper sees a grid larger than it (written as ``preprocessing.input_shape``)."""
+    beyond which the wrapper sees a grid through a window on the head (written as
+    ``preprocessing.input_shape``); ``spacing``: the validation grid's voxel size in mm."""
 
     def __init__(self, net: torch.nn.Module, lr: float = 2e-3, weight_decay: float = 1e-5,
-                 roi_size: tuple[int, int, int] = (112, 128, 128), init_weights: str | None = None,
-                 warmup_steps: int = 100) -> None:
+                 roi_size: tuple[int, int, int] = (112, 128, 128), spacing: float = 2.0,
+                 init_weights: str | None = None, warmup_steps: int = 100) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
@@ -55,7 +56,8 @@ class DefaceLitModule(L.LightningModule):
         image, labels = batch["image"], batch["labels"]
         # the wrapper's view (network.probabilities), not a sliding window: a window pads a grid
         # smaller than the patch up to it, and the network then sees the head differently
-        probs = probabilities(self.net, [image[0]], tuple(self.hparams.roi_size), self.multiple, image.device)[0][None]
+        probs = probabilities(self.net, [image[0]], tuple(self.hparams.roi_size), self.multiple,
+                              self.hparams.spacing, image.device)[0][None]
         labels = labels.cpu()
         loss = self.loss(torch.log(probs.clamp_min(1e-6)), labels[:, None])  # softmax(log p) = p
         pred = probs.argmax(1)

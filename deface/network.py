@@ -52,15 +52,16 @@ def build_network(architecture: dict[str, Any], monai: bool = False) -> torch.nn
 
 @torch.inference_mode()
 def probabilities(network: torch.nn.Module, images: list[torch.Tensor], input_shape: tuple[int, int, int] | None,
-                  multiple: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                  multiple: int, spacing: float, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Class probabilities (C, X, Y, Z), on CPU, of a batch of normalised canonical images (1, X, Y, Z)
-    as the wrapper sees them: each through a window of the training patch ``input_shape`` on its
-    head where its grid is larger (``preprocessing.head_frame``; the whole grid without a shape),
+    as the wrapper sees them: each whole, or through a window fitted to its head (``spacing`` mm
+    voxels) where its grid is larger than the training patch ``input_shape``
+    (``preprocessing.head_frame``; the whole grid without a shape),
     padded together with zeros to a common shape; background (1) wherever the window does not reach.
     Training validates through this too, so its Dice is the wrapper's view (a sliding window pads a
     small grid up to the patch, which the wrapper does not)."""
     device = torch.device(device)
-    windows = [head_frame(img, input_shape, multiple) if input_shape else tuple(slice(0, n) for n in img.shape[1:])
+    windows = [head_frame(img, input_shape, multiple, spacing) if input_shape else tuple(slice(0, n) for n in img.shape[1:])
                for img in images]
     sizes = [tuple(s.stop - s.start for s in w) for w in windows]
     # at least two multiples a side: the deepest level's instance norm needs more than one voxel

@@ -87,20 +87,27 @@ def canonical_grid(native: Grid, spacing: float = 2.0, multiple: int = 16, max_s
 
 FRAME_THRESHOLD = 0.1  # normalised intensity above which a canonical voxel counts as head for ``head_frame``
 FRAME_MIN_SHARE = 0.02  # ... and a slice as part of the head: this share of the fullest slice's such voxels
+FRAME_MARGIN = 8  # voxels of air the network's window keeps on each side of the head's box ...
+FRAME_MIN_MM = (192.0, 256.0, 256.0)  # ... in a window at least this large (IXI's field of view, x y z)
 
 
-def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int) -> tuple[slice, slice, slice]:
+def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int, spacing: float
+               ) -> tuple[slice, slice, slice]:
     """Where the network looks at a normalised canonical ``image`` (C, X, Y, Z), as slices of its
-    grid: along any axis the grid is longer than ``shape`` (the training patch), a window of that
-    length on the head, longer (in steps of ``multiple``) where the head is; the whole grid along
-    the others. Never padded, never cutting the head.
+    grid of ``spacing`` mm voxels. A grid no larger than ``shape`` (the training patch) along every
+    axis is seen whole; a larger one through a window fitted to the head: the head's box plus
+    ``FRAME_MARGIN`` voxels of air a side, at least ``FRAME_MIN_MM``, rounded up to ``multiple``,
+    centred on the head and inside the grid. Never padded, never cutting the head.
 
-    The network learned on patches of one size, and its instance norms take their statistics over
-    the whole input: the same head with 40 mm more air on every side was seen differently (IXI 015:
-    2,275 mL of brain predicted instead of 1,414). Padding a smaller grid up to the patch was tried
-    (2026-12-06 (b)): it helps the network's Dice on whole heads but makes it call more of a cut or
-    tight face brain (heads cut at the mouth: 6.8 % of the face, 0.2 % seen whole), which the brain
-    margin then keeps."""
+    The network learned on heads whose grid held little air around them, and its instance norms
+    take their statistics over the whole input: the same head with 40 mm more air on every side
+    was seen differently (IXI 015: 2,275 mL of brain predicted instead of 1,414 seen whole). A
+    window of the patch's size on the head (2026-12-06 (b) to (f)) held more air than the heads
+    came with: IXI 296 with a wide field of view kept the ear's remains and was matched. The window
+    fitted to the head sees it as scanned; without the minimum a skull-stripped brain filled it
+    and was called face three times as often (docs/evaluation.md 2026-12-06 (g)). Padding a
+    smaller grid up to the patch was tried (2026-12-06 (b)): it makes the network call more of a
+    cut or tight face brain, which the brain margin then keeps."""
     size = np.array(image.shape[1:])
     if np.all(size <= np.asarray(shape)):  # no axis longer than the patch: the whole grid, no head to find
         return tuple(slice(0, int(n)) for n in size)
@@ -111,7 +118,9 @@ def head_frame(image: torch.Tensor, shape: tuple[int, int, int], multiple: int) 
         rows = np.nonzero(counts >= max(1.0, FRAME_MIN_SHARE * counts.max()))[0]
         if rows.size:
             lo[axis], hi[axis] = rows[0], rows[-1] + 1
-    box = np.minimum(size, np.maximum(np.asarray(shape), -(-(hi - lo) // multiple) * multiple))
+    least = np.ceil(np.asarray(FRAME_MIN_MM) / spacing - 1e-6).astype(int)
+    box = np.maximum(hi - lo + 2 * FRAME_MARGIN, least)
+    box = np.minimum(size, -(-box // multiple) * multiple)
     start = np.clip((lo + hi) // 2 - box // 2, 0, size - box)
     return tuple(slice(int(s), int(s + b)) for s, b in zip(start, box))
 

@@ -174,7 +174,7 @@ def test_label_check_flags_a_brain_label_an_extractor_disagrees_with():
 def test_validation_sees_a_head_as_the_wrapper_does(tiny_metadata, patch):
     """The training curve's Dice is the wrapper's: validation runs the network through
     ``network.probabilities``, as ``Defacer.predict`` does, with the training patch as the window
-    (16: the phantom's grid is larger, a window on the head; 64: smaller, seen whole, not padded)."""
+    (16: the phantom's grid is larger, through ``head_frame``; 64: smaller, seen whole, not padded)."""
     from deface.inference import Defacer
     from deface.lit_module import DefaceLitModule, dice_and_recall
     from deface.network import TINY_ARCHITECTURE, build_network
@@ -187,7 +187,7 @@ def test_validation_sees_a_head_as_the_wrapper_does(tiny_metadata, patch):
     canon = to_canonical(np.asarray(img.dataobj, np.float32), img.affine, 4.0, 4)
     assert any(n > p for n, p in zip(canon.image.shape[1:], patch)) == (patch[0] == 16)
     labels = torch.from_numpy(phantom_truth(world_points(canon.grid.shape, canon.grid.affine))).long()
-    module = DefaceLitModule(net, roi_size=patch).eval()
+    module = DefaceLitModule(net, roi_size=patch, spacing=4.0).eval()
     logged = {}
     module.log_dict = lambda metrics, **_: logged.update(metrics)
     module.validation_step({"image": canon.image[None], "labels": labels[None]}, 0)

@@ -203,14 +203,14 @@ def test_modes_change_only_the_mask(tiny_metadata, mode):
         assert np.all(result.raw[result.mask] == 77)
 
 
-def test_the_network_sees_a_wide_field_of_view_through_a_window_of_the_training_patch(tiny_metadata):
-    """With ``input_shape`` (the training patch) a grid larger than it is seen through a window of
-    that size on the head, so the same canonical head with 20 or 30 more voxels of air on every
-    side gets the same probabilities (bit for bit); seen whole, the instance norms see the air and
-    the answer moves. A grid no larger than the patch is seen whole, as without ``input_shape``."""
+def test_the_network_sees_a_wide_field_of_view_through_a_window_fitted_to_the_head(tiny_metadata):
+    """With ``input_shape`` (the training patch) a grid larger than it is seen through a window
+    fitted to the head, so the same canonical head with 20 or 30 more voxels of air on every side
+    gets the same probabilities (bit for bit); seen whole, the instance norms see the air and the
+    answer moves. A grid no larger than the patch is seen whole, as without ``input_shape``."""
     from deface.inference import Defacer
     from deface.network import TINY_ARCHITECTURE, build_network
-    from deface.preprocessing import head_frame, to_canonical
+    from deface.preprocessing import FRAME_MARGIN, FRAME_MIN_MM, head_frame, to_canonical
 
     torch.manual_seed(0)
     network = build_network(TINY_ARCHITECTURE)
@@ -231,13 +231,16 @@ def test_the_network_sees_a_wide_field_of_view_through_a_window_of_the_training_
         return (slice(None), *(slice(pad, pad + n) for n in canon.image.shape[1:]))
 
     wide, wider = padded(20), padded(30)
-    src = head_frame(wide.image, patch, 4)
+    src = head_frame(wide.image, patch, 4, 4.0)
     head = wide.image[0] > 0.1
-    assert tuple(s.stop - s.start for s in src) == patch and head[src].sum() == head.sum()  # the whole head
-    for axis in range(3):  # ... and centred in it, within a voxel
+    assert head[src].sum() == head.sum()  # the whole head
+    for axis in range(3):  # ... with FRAME_MARGIN voxels of air a side, in at least FRAME_MIN_MM, centred
         rows = torch.nonzero(head.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
-        assert abs(int(rows[0] - src[axis].start) - int(src[axis].stop - rows[-1] - 1)) <= 1
-    assert head_frame(canon.image, patch, 4) == tuple(slice(0, n) for n in canon.image.shape[1:])  # smaller: whole
+        extent, length = int(rows[-1] - rows[0] + 1), src[axis].stop - src[axis].start
+        before, after = int(rows[0] - src[axis].start), int(src[axis].stop - rows[-1] - 1)
+        assert length == 4 * -(-max(extent + 2 * FRAME_MARGIN, int(FRAME_MIN_MM[axis] / 4.0)) // 4)
+        assert abs(before - after) <= 1 and min(before, after) >= FRAME_MARGIN
+    assert head_frame(canon.image, patch, 4, 4.0) == tuple(slice(0, n) for n in canon.image.shape[1:])  # smaller: whole
 
     d = Defacer(network=network, metadata=framed, device="cpu")
     whole = Defacer(network=network, metadata=tiny_metadata, device="cpu")
@@ -249,18 +252,26 @@ def test_the_network_sees_a_wide_field_of_view_through_a_window_of_the_training_
     assert not torch.allclose(a[inner(20)], b[inner(30)], atol=1e-3)
 
 
-def test_a_head_longer_than_the_training_patch_is_seen_whole():
-    """The window grows (in steps of ``multiple``) along any axis the head is longer than the
-    patch, and stays inside the grid: it is never padded and never cuts the head."""
-    from deface.preprocessing import head_frame
+def test_the_window_on_a_large_grid_is_the_head_box_with_a_margin_inside_the_grid():
+    """Along each axis: the head's extent plus ``FRAME_MARGIN`` a side, at least ``FRAME_MIN_MM``,
+    rounded up to ``multiple``, centred and moved inside the grid; smaller than the patch where the
+    head is, longer where the head is longer, never padded and never cutting the head."""
+    from deface.preprocessing import FRAME_MARGIN, FRAME_MIN_MM, head_frame
 
-    image = torch.zeros((1, 48, 96, 40))
-    image[0, 5:35, 3:88, 2:28] = 1.0
-    src = head_frame(image, (32, 48, 32), 8)
-    assert tuple(s.stop - s.start for s in src) == (32, 88, 32)
-    assert src[1] == slice(1, 89)  # centred: 1 voxel of air either side
-    assert src[2] == slice(0, 32)  # centred at 15 - 16 < 0: moved inside the grid
+    assert FRAME_MARGIN == 8 and FRAME_MIN_MM == (192.0, 256.0, 256.0)  # the figures below
+    image = torch.zeros((1, 80, 128, 64))
+    image[0, 20:50, 10:95, 2:28] = 1.0
+    src = head_frame(image, (64, 48, 64), 8, 8.0)  # at least 24 x 32 x 32 voxels of 8 mm
+    assert src[0] == slice(11, 59)  # 30 + 16 -> 48 voxels, centred on 35
+    assert src[1] == slice(0, 104)  # 85 + 16 -> 104, longer than the patch; centred at 0
+    assert src[2] == slice(0, 48)  # 26 + 16 -> 48, centred at 15 - 24 < 0: moved inside the grid
     assert image[(slice(None), *src)].sum() == image.sum()
+    small = torch.zeros_like(image)
+    small[0, 30:36, 50:60, 30:40] = 1.0  # a small object: 22 x 26 x 26 -> the least, 24 x 32 x 32
+    assert head_frame(small, (64, 48, 64), 8, 8.0) == (slice(21, 45), slice(39, 71), slice(19, 51))
+    image = torch.zeros((1, 40, 128, 40))
+    image[0, :, 30:120, :] = 1.0  # a head filling two axes: the whole of them, nothing padded
+    assert head_frame(image, (64, 48, 64), 8, 8.0) == (slice(0, 40), slice(16, 128), slice(0, 40))  # 90 + 16 -> 112, moved in
 
 
 def test_random_network_runs_end_to_end(defacer):
