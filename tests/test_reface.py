@@ -137,13 +137,12 @@ def test_replace_writes_only_the_mask_and_falls_back_to_zero_without_registratio
     from deface import io
 
     values, remove, affine, to_atlas = scan
-    d = refacer
     img = nib.Nifti1Image(np.round(values).astype(np.int16), affine)
     volume = io.from_image(img, None)
-    raw = d.replace(volume, remove, to_atlas)
+    raw = refacer.replace(volume, remove, to_atlas)
     changed = raw != volume.raw
     assert raw.dtype == volume.raw.dtype and not (changed & ~remove).any()
-    zero = d.replace(volume, remove, None)
+    zero = refacer.replace(volume, remove, None)
     assert np.all(zero[remove] == 0) and np.array_equal(zero[~remove], volume.raw[~remove])
 
 
