@@ -30,7 +30,8 @@ from deface.preprocessing import Grid, resample, voxel_sizes
 
 CONTRASTS = ("original", "stored", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
 # (pitch, roll, yaw) in degrees of the head moved in world space (``atlas.euler``)
-TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0)}
+TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0),
+         "flexed": (40.0, 0.0, 10.0), "extended": (-35.0, 0.0, -10.0)}
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", *TILTS,
                 "crop_chin", "crop_mouth", "crop_nose", "brain_only", "wide_fov")
 WIDE_FOV_MM = 40.0  # the air ``acquisition_variant("wide_fov")`` adds on every side
@@ -160,7 +161,9 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     ``thick_*``: 6 mm slices along the world axis named (partial-volume averaged, as 2D clinical
     scans are); ``coarse_3mm``: 3 mm voxels; ``tilted``: the head pitched 25 degrees and rolled 12
     in world space (same array); ``turned``: chin up 20 degrees and turned 25; ``rolled``: rolled
-    18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i)); the
+    18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i));
+    ``flexed``: chin down 40 degrees and turned 10, ``extended``: chin up 35 and turned -10 (the
+    far ends of how a head lies in a coil); the
     tilts are stored obliquely (same array, turned affine), which the wrapper sees along the voxel
     axes since 2026-12-06 (``Defacer.acquisition_frame``): ``tilted+regrid`` is the head lying
     tilted in the scanner, the case its pose search is for;

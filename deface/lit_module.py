@@ -26,10 +26,12 @@ def dice_and_recall(pred: torch.Tensor, target: torch.Tensor, cls: int) -> tuple
 class DefaceLitModule(L.LightningModule):
     """Wraps the U-Net; ``net`` comes from Hydra (``model.net``). ``roi_size``: the training patch,
     beyond which the wrapper sees a grid through a window on the head (written as
-    ``preprocessing.input_shape``); ``spacing``: the validation grid's voxel size in mm."""
+    ``preprocessing.input_shape``); ``spacing``: the validation grid's voxel size in mm. Both have
+    no default here: they are the data's (``configs/model/unet_base.yaml`` takes them from
+    ``data.synth``), so that the training patch and grid are written in one place."""
 
-    def __init__(self, net: torch.nn.Module, lr: float = 2e-3, weight_decay: float = 1e-5,
-                 roi_size: tuple[int, int, int] = (112, 128, 128), spacing: float = 2.0,
+    def __init__(self, net: torch.nn.Module, *, roi_size: tuple[int, int, int], spacing: float,
+                 lr: float = 2e-3, weight_decay: float = 1e-5,
                  init_weights: str | None = None, warmup_steps: int = 100) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])

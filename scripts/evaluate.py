@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contrasts", nargs="+", default=["original"], help="original (rescaled, clipped at the 99.5th percentile) stored (the cached values as they are) "
                    "t2like pdlike flairlike unilike biased noisy")
     p.add_argument("--acquisitions", nargs="+", default=["original"],
-                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled crop_chin crop_mouth "
-                        "crop_nose brain_only regrid, or all; steps compose with +, e.g. tilted+crop_mouth")
+                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled flexed "
+                        "extended crop_chin crop_mouth crop_nose brain_only wide_fov regrid, or all; steps compose "
+                        "with +, e.g. tilted+crop_mouth")
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
