@@ -2,7 +2,7 @@
 each side) of cached heads before (top row) and after defacing (bottom row), dlib's face boxes
 drawn in red, one picture per head (needs the [qc] extra):
 
-    python scripts/attack_views.py --subjects real_ixi572_t1 real_ixi448_t1:tilted --png-dir /tmp/views [--keep-ears]
+    python scripts/attack_views.py --subjects real_ixi572_t1 real_ixi448_t1:tilted --png-dir /tmp/views [--keep-ears] [--mode reface]
 
 A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
 it, in its original contrast (as ``scripts/evaluate.py`` does). Prints the views with a face in
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", nargs="+", required=True)
     p.add_argument("--png-dir", type=Path, required=True)
     p.add_argument("--keep-ears", action="store_true", help="as deface-infer --keep-ears")
+    p.add_argument("--mode", default="zero", help="as deface-infer --mode (zero, noise, reface, ...)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from evaluate import cache_head
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the face detector is not installed: pip install 'deface-mri[qc]'", file=sys.stderr)
         return 3
     args.png_dir.mkdir(parents=True, exist_ok=True)
-    d = Defacer(ears=False if args.keep_ears else None)
+    d = Defacer(ears=False if args.keep_ears else None, mode=args.mode)
     print("subject | views with a face, original | defaced | removed mL")
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
