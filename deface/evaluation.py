@@ -163,7 +163,7 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     in world space (same array); ``turned``: chin up 20 degrees and turned 25; ``rolled``: rolled
     18 degrees and turned -15 (``TILTS``: both found faults the first missed, 2026-12-05 (i));
     ``flexed``: chin down 40 degrees and turned 10, ``extended``: chin up 35 and turned -10 (the
-    far ends of how a head lies in a coil); the
+    far nods either way); the
     tilts are stored obliquely (same array, turned affine), which the wrapper sees along the voxel
     axes since 2026-12-06 (``Defacer.acquisition_frame``): ``tilted+regrid`` is the head lying
     tilted in the scanner, the case its pose search is for;
