@@ -74,16 +74,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deface.evaluation import ACQUISITIONS, CONTRASTS  # the help lists what the code accepts
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path("data_cache"), help="training cache folder")
     p.add_argument("--subjects", nargs="*", default=[], help="real heads in the cache, e.g. real_niivue_otsu_t1")
     p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"))
-    p.add_argument("--contrasts", nargs="+", default=["original"], help="original (rescaled, clipped at the 99.5th percentile) stored (the cached values as they are) "
-                   "t2like pdlike flairlike unilike biased noisy")
+    p.add_argument("--contrasts", nargs="+", default=["original"],
+                   help="original (rescaled, clipped at the 99.5th percentile) stored (the cached values as they are) "
+                        + " ".join(c for c in CONTRASTS if c not in ("original", "stored")))
     p.add_argument("--acquisitions", nargs="+", default=["original"],
-                   help="original thick_axial thick_coronal thick_sagittal coarse_3mm tilted turned rolled flexed "
-                        "extended crop_chin crop_mouth crop_nose brain_only wide_fov regrid, or all; steps compose "
-                        "with +, e.g. tilted+crop_mouth")
+                   help=" ".join(ACQUISITIONS) + " regrid, or all; steps compose with +, e.g. tilted+crop_mouth")
     p.add_argument("--orientations", type=Path, default=None, help="a head for the 48-orientation table")
     p.add_argument("--weights", default=None)
     p.add_argument("--device", default="auto")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     import deface
-    from deface.evaluation import ACQUISITIONS, acquisition_variant, contrast_variant, orientation_agreement, score_head
+    from deface.evaluation import acquisition_variant, contrast_variant, orientation_agreement, score_head
     from deface.inference import Defacer
 
     import yaml
