@@ -143,3 +143,29 @@ def test_composed_acquisitions_apply_their_steps_in_order_and_regrid_keeps_the_a
     _, cut_labels, cut_aff = acquisition_variant(data, labels, img.affine, "tilted+regrid+crop_mouth")
     np.testing.assert_allclose(cut_aff[:3, :3], aff[:3, :3])
     assert 0.1 * (out_labels == FACE).sum() < (cut_labels == FACE).sum() < 0.9 * (out_labels == FACE).sum()
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_downstream_anchors_move_the_head_and_renoise_it_without_changing_it_otherwise():
+    downstream = _script("downstream")
+    rng = np.random.default_rng(1)
+    data = rng.uniform(0, 1, (7, 9, 6)).astype(np.float32)
+    moved = downstream.shifted(data)
+    assert moved[1, 2, 3] == data[0, 1, 2] and not moved[0].any()
+    back = downstream.shifted(moved, back=True)
+    np.testing.assert_array_equal(back[:-1, :-1, :-1], data[:-1, :-1, :-1])  # the same values, only moved
+    noisy = downstream.renoised(data)
+    assert noisy.dtype == data.dtype and noisy.shape == data.shape
+    sigma = downstream.NOISE_FRACTION * np.percentile(data, 99)
+    assert 0.3 * sigma < np.std(noisy - data) < 2 * sigma  # a new noise realisation at about that level
+    np.testing.assert_array_equal(downstream.renoised(data), noisy)  # seeded: the table is reproducible
