@@ -526,15 +526,33 @@ class Defacer:
         """The registration ``prepare`` deferred: none for an image the network's masks call
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
-        upright for it). Returns (canon, probs, registration) for ``apply``."""
+        upright for it); an image whose tissue then lies ``within_atlas_brain`` is skull-stripped
+        too (``NOT_NEEDED``, the registration's seconds kept). Returns (canon, probs, registration)
+        for ``apply``."""
         from deface.atlas import Registration
 
         if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         turned, registration = self.register(volume, canon)
+        if registration.to_atlas is not None and self.within_atlas_brain(canon, registration.to_atlas):
+            return canon, probs, replace(registration, to_atlas=None, status=NOT_NEEDED)
         if turned is not canon:
             probs = self.predict([turned])[0]
         return turned, probs, registration
+
+    def within_atlas_brain(self, canon: CanonicalInput, to_atlas: np.ndarray) -> bool:
+        """True when no more than ``brain_only_atlas_ml`` of ``canon``'s tissue lies beyond
+        ``brain_only_atlas_mm`` of the atlas brain registered to it (``to_atlas``): no face reaches
+        out of such an image, whatever the network called face (a skull-stripped brain whose bright
+        rim it took for one). Asked only of images with no more tissue than a brain has."""
+        from scipy.ndimage import binary_fill_holes
+
+        from deface.atlas import brain_on_grid
+
+        brain = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
+        tissue = torch.from_numpy(binary_fill_holes(tissue_signal(canon.image[0], canon.inside, self.post).numpy()))
+        beyond = tissue & ~grow(brain, self.post.brain_only_atlas_mm, self.spacing)
+        return float(beyond.sum()) * self.spacing**3 / 1000.0 <= self.post.brain_only_atlas_ml
 
     def acquisition_frame(self, volume: io.Volume) -> np.ndarray | None:
         """The world turned (4x4) so that the image's own voxel axes run along its axes

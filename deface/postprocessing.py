@@ -49,6 +49,13 @@ class PostprocessConfig:
     # skull-stripped brain face too (s20 FLAIR made FLAIR-like: 51 mL far, 8 mL of it in front).
     brain_only_far_face_mm: float = 15.0
     brain_only_max_far_face_ml: float = 45.0
+    # ... and an image with no more tissue than a brain that the network does not call skull-stripped
+    # is called so after its registration when no more than ``brain_only_atlas_ml`` of its tissue
+    # lies beyond ``brain_only_atlas_mm`` of the registered atlas brain: a face reaches further (a
+    # head cut at the mouth: 10-283 mL beyond 14 mm), while skull-stripped T2- and FLAIR-like brains in
+    # thick slices, whose bright rim the network calls face, kept 0-2 mL there (2026-12-07).
+    brain_only_atlas_mm: float = 14.0
+    brain_only_atlas_ml: float = 5.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
     # grown by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True

@@ -434,7 +434,9 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     from deface.postprocessing import grow
     from deface.preprocessing import Grid
 
-    defacer = tiny_atlas_defacer()
+    # the rule that calls tissue within reach of the registered brain skull-stripped (which takes this
+    # image before it gets here: test_a_skull_stripped_head_...) is set to reach no further than the brain
+    defacer = tiny_atlas_defacer(brain_only_atlas_mm=0.0)
     head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
     brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
     stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
@@ -686,7 +688,9 @@ def test_a_removal_left_with_less_tissue_than_a_face_changes_nothing():
     from deface.postprocessing import grow
     from deface.preprocessing import Grid
 
-    defacer = tiny_atlas_defacer()
+    # the rule that calls tissue within reach of the registered brain skull-stripped (which takes this
+    # image before it gets here: test_a_skull_stripped_head_...) is set to reach no further than the brain
+    defacer = tiny_atlas_defacer(brain_only_atlas_mm=0.0)
     head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
     brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
     stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
@@ -699,3 +703,40 @@ def test_a_removal_left_with_less_tissue_than_a_face_changes_nothing():
     assert result.stats["atlas_registration"] not in (NOT_NEEDED, "deferred")  # not taken for skull-stripped
     assert result.stats["face_ml_predicted"] > 50 and not result.mask.any()
     assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
+
+
+def test_tissue_within_the_registered_brain_is_called_skull_stripped():
+    """``Defacer.within_atlas_brain``: the atlas's own brain on its grid (identity registration) has
+    no tissue beyond 14 mm of the registered brain; the whole atlas head has its face and scalp there."""
+    from deface.preprocessing import CanonicalInput, Grid
+
+    defacer = tiny_atlas_defacer()
+    atlas = defacer.atlas
+    grid = Grid(tuple(atlas.image.shape), atlas.affine)
+    head = torch.from_numpy(atlas.image)[None]
+    inside = torch.ones(atlas.image.shape, dtype=torch.bool)
+    brain_only = CanonicalInput(head * torch.from_numpy(atlas.brain >= 0.5), grid, inside)
+    assert defacer.within_atlas_brain(brain_only, np.eye(4))
+    assert not defacer.within_atlas_brain(CanonicalInput(head, grid, inside), np.eye(4))
+    shifted = np.eye(4)
+    shifted[1, 3] = -30.0  # registered 30 mm off: the frontal lobe lies beyond the reach
+    assert not defacer.within_atlas_brain(brain_only, shifted)
+
+
+@pytest.mark.slow
+def test_a_skull_stripped_head_the_network_calls_a_face_is_left_whole_after_registration():
+    """The example head stripped to its brain, and a network that calls its whole front face (so the
+    network's masks do not look skull-stripped): the deferred registration finds all of its tissue
+    within reach of the registered atlas brain, and not one voxel changes."""
+    defacer = tiny_atlas_defacer()
+    img, volume, canon, registration = example_prepared()
+    from deface.atlas import brain_on_grid
+    from deface.preprocessing import Grid
+
+    brain = brain_on_grid(defacer.atlas, registration.to_atlas, Grid(img.shape, img.affine), 0.5).numpy()
+    stripped = nib.Nifti1Image(np.where(brain, np.asarray(img.dataobj), 0).astype(np.float32), img.affine)
+    volume, canon, registration = defacer.prepare(stripped)
+    assert registration.status == "deferred"
+    result = defacer.apply(volume, canon, greedy_probs(canon), registration)
+    assert result.stats["atlas_registration"].startswith("not needed")
+    assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
