@@ -153,6 +153,7 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     assert (greedy & ~face_region_mni(world, 10.0)).sum() > 1000  # the network asked for more
 
 
+@pytest.mark.slow  # the default run keeps test_head_pose_and_registration_find_a_head_tilted_beyond_the_optimisers_reach
 def test_registration_finds_a_pitched_head():
     """The atlas head pitched 20 degrees in world space: the registration's rotation must undo the pitch."""
     from scipy.spatial.transform import Rotation
@@ -279,7 +280,8 @@ def test_roll_and_yaw_are_told_from_pitch():
     assert roll_yaw_deg(euler(-20.0, 0.0, 25.0)) > 20.0
 
 
-@pytest.mark.parametrize("tilt, turned", [((0.0, 0.0, 18.0), True), ((15.0, 0.0, 0.0), False)])
+@pytest.mark.parametrize("tilt, turned", [((0.0, 0.0, 18.0), True),
+                                         pytest.param((15.0, 0.0, 0.0), False, marks=pytest.mark.slow)])
 def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
     """With ``atlas_upright_roll_yaw_deg`` at 10 (off by default), the example head turned 18 degrees
     (yaw; within the upright registration's reach, under ``atlas_upright_deg``) is resampled upright
