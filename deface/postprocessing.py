@@ -52,8 +52,9 @@ class PostprocessConfig:
     # ... and an image with no more tissue than a brain that the network does not call skull-stripped
     # is called so after its registration when no more than ``brain_only_atlas_ml`` of its tissue
     # lies beyond ``brain_only_atlas_mm`` of the registered atlas brain: a face reaches further (a
-    # head cut at the mouth: 10-283 mL beyond 14 mm), while skull-stripped T2- and FLAIR-like brains in
-    # thick slices, whose bright rim the network calls face, kept 0-2 mL there (2026-12-07).
+    # head cut at the mouth: 10-283 mL beyond 14 mm), while the skull-stripped T2- and FLAIR-like brains
+    # in thick slices whose bright rim the network called face had 0 mL there (other stripped brains,
+    # which the network does call skull-stripped: 3-13 mL; 2026-12-07).
     brain_only_atlas_mm: float = 14.0
     brain_only_atlas_ml: float = 5.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
