@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     out = outputs[method]
                     brain, tissue = analyse(out, affine)
                     ref_brain, ref_tissue = brain0, tissue0
-                    if method == "shift":  # compared where the original was: moved back, the last slab lost
+                    if method == "shift":  # compared where the original was: moved back, the last slab lost;
+                        # no voxel of the scan was changed, only moved, so it counts none as changed
                         brain, tissue, out = shifted(brain, back=True), shifted(tissue, back=True), image
                         ref_brain, ref_tissue = shifted(shifted(brain0), back=True), shifted(shifted(tissue0), back=True)
                     row = {"name": f"{name}:{kind}", "method": method,

@@ -436,9 +436,7 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     from deface.postprocessing import grow
     from deface.preprocessing import Grid
 
-    # the rule that calls tissue within reach of the registered brain skull-stripped (which takes this
-    # image before it gets here: test_a_skull_stripped_head_...) is set to reach no further than the brain
-    defacer = tiny_atlas_defacer(brain_only_atlas_mm=0.0)
+    defacer = tiny_atlas_defacer()
     head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
     brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
     stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
