@@ -43,6 +43,11 @@ RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # world RAS <-> SimpleITK's LPS (its 
 # A fit with whole-head MI above this may be off (upright T1 heads as scanned reach about -0.45,
 # misregistered ones -0.2; FLAIRs reach only -0.23 to -0.32 when right): the wrapper then searches the pose.
 GOOD_FIT_MI = -0.35
+# A registration whose image, mapped into the atlas's space, correlates less than this with its own
+# mirror image (``mirror_symmetry``) is refused ("asymmetric"): a head is close to mirror-symmetric
+# about its mid-sagittal plane, whatever its contrast and pose, so a fit rolled or turned off that
+# plane shows (see MIN_SYMMETRY's measurements in docs/evaluation.md 2026-12-07 (b)).
+MIN_SYMMETRY = 0.6
 
 
 @dataclass
@@ -103,9 +108,10 @@ class Registration:
     """How the atlas registration of one image went."""
 
     to_atlas: np.ndarray | None  # 4x4 world transform, image -> atlas; None when failed or implausible
-    status: str  # "ok", "implausible" or "failed: <reason>" (deface.inference adds DEFERRED, NOT_NEEDED)
+    status: str  # "ok", "implausible", "asymmetric" or "failed: <reason>" (deface.inference adds DEFERRED, NOT_NEEDED)
     seconds: float
     mi: float = float("inf")  # ``head_mi`` of the result on the grid it was registered on (lower: better)
+    symmetry: float = float("nan")  # ``mirror_symmetry`` of the result (higher: better)
 
 
 def plausible(to_atlas: np.ndarray) -> bool:
@@ -198,7 +204,29 @@ def register_atlas(atlas: Atlas, image: np.ndarray, affine: np.ndarray, shrink: 
         return Registration(None, f"failed: {str(exc).strip().splitlines()[-1][:120]}", time.perf_counter() - t0)
     if not plausible(to_atlas):
         return Registration(None, "implausible", time.perf_counter() - t0)
-    return Registration(to_atlas, "ok", time.perf_counter() - t0, mi)
+    symmetry = mirror_symmetry(atlas, image, affine, to_atlas)
+    if symmetry < MIN_SYMMETRY:
+        return Registration(None, "asymmetric", time.perf_counter() - t0, symmetry=symmetry)
+    return Registration(to_atlas, "ok", time.perf_counter() - t0, mi, symmetry)
+
+
+def mirror_symmetry(atlas: Atlas, image: np.ndarray, affine: np.ndarray, to_atlas: np.ndarray) -> float:
+    """Correlation of ``image`` (X, Y, Z on ``affine``) mapped into ``atlas``'s space through
+    ``to_atlas`` (world -> atlas world) with its own mirror image about the atlas's mid-sagittal
+    plane (x = 0), over the voxels where either has signal. A head is close to mirror-symmetric,
+    so a registration that fits its midline gives a high value whatever the contrast and the pose;
+    one rolled or turned off it gives a low one."""
+    grid = Grid(tuple(atlas.brain.shape), atlas.affine)
+    mirrored = Grid(grid.shape, np.diag([-1.0, 1.0, 1.0, 1.0]) @ atlas.affine)  # voxel i at (-x_i, y_i, z_i)
+    source = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+    a = resample(source, to_atlas @ affine, grid)[0].numpy()
+    b = resample(source, to_atlas @ affine, mirrored)[0].numpy()
+    signal = (a > 0) | (b > 0)
+    if signal.sum() < 2:
+        return 0.0
+    a, b = a[signal] - a[signal].mean(), b[signal] - b[signal].mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denominator if denominator > 0 else 0.0
 
 
 def head_poses(atlas: Atlas, head: Head, candidates: int = 1) -> list[np.ndarray]:

@@ -299,6 +299,8 @@ class HeadScore:
     min_forced_distance: float = float("nan")  # ... every view, the original's face box where none detected
     rank1: str = ""  # views with a rank-1 hit in the gallery attack (filled in by the caller)
     rank1_forced: str = ""  # ... with the forced embeddings
+    atlas_registration: str = ""  # the registration's status (Defacer stats)
+    atlas_symmetry: float = float("nan")  # ... and its mirror symmetry (deface.atlas.mirror_symmetry)
 
 
 def brain_gap_mm(changed: np.ndarray, brain: np.ndarray, spacing: np.ndarray, cap_mm: float = 20.0) -> float:
@@ -389,6 +391,8 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
         brain_gap_mm=brain_gap_mm(changed, reference == BRAIN, spacing),
         brain_gap_indep_mm=float("nan") if independent_brain is None else brain_gap_mm(changed, independent_brain,
                                                                                      spacing),
+        atlas_registration=str(result.stats.get("atlas_registration", "off")),
+        atlas_symmetry=float("nan") if result.stats.get("atlas_symmetry") is None else result.stats["atlas_symmetry"],
     )
     if attacked is not None:
         score.surface_kept = attacked.surface_kept

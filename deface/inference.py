@@ -462,6 +462,8 @@ class Defacer:
             "ears_removed": regions.ears is not None,
             "atlas_registration": registration.status if registration is not None else "off",
             "atlas_s": round(registration.seconds, 3) if registration is not None else 0.0,
+            "atlas_symmetry": (round(registration.symmetry, 3) if registration is not None
+                               and np.isfinite(registration.symmetry) else None),
             "postprocess_s": round(time.perf_counter() - t0, 3),
         }
         return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid, regions)

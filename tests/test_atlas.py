@@ -69,6 +69,48 @@ def test_the_intensity_fit_is_kept_when_the_outline_holds_or_the_head_fits_far_b
     assert chosen == kept and transform is fits[kept]
 
 
+def test_mirror_symmetry_tells_a_registration_off_the_midline():
+    """A head mapped into the atlas's space by the right transform is close to its own mirror image;
+    a transform that leaves it rolled or shifted off the midline is not, and one that leaves it
+    pitched (nodding, in the mid-sagittal plane) still is: the check sees what a face's left-right
+    placement needs, whatever the contrast."""
+    from deface.atlas import MIN_SYMMETRY, euler, mirror_symmetry
+
+    atlas = Atlas.load()
+    image, affine, tilt = tilted_atlas_head(0.0, 30.0)
+    assert mirror_symmetry(atlas, image, affine, np.linalg.inv(tilt)) > 0.9
+    assert mirror_symmetry(atlas, image, affine, np.eye(4)) < MIN_SYMMETRY  # the roll left in
+    upright, affine, _ = tilted_atlas_head(0.0, 0.0)
+    shifted = np.eye(4)
+    shifted[0, 3] = 15.0
+    assert mirror_symmetry(atlas, upright, affine, shifted) < MIN_SYMMETRY
+    nodded = np.eye(4)
+    nodded[:3, :3] = euler(30.0, 0.0, 0.0)
+    assert mirror_symmetry(atlas, upright, affine, nodded) > 0.9
+    inverted = np.where(upright > 0.1, 1.1 - upright, 0.0)  # another contrast: the head's tissue inverted
+    assert mirror_symmetry(atlas, inverted, affine, np.eye(4)) > MIN_SYMMETRY
+
+
+def test_a_registration_off_the_midline_is_refused(monkeypatch):
+    """register_atlas refuses a plausible transform that leaves the head asymmetric, so the wrapper
+    searches other poses, or relies on the network alone, instead of placing the atlas brain and
+    the face region beside the head (a FLAIR-like head cut at the mouth registered 39 degrees
+    rolled: the face region completed over its frontal and temporal brain)."""
+    import deface.atlas as atlas_module
+    from deface.atlas import euler
+
+    image, affine, _ = tilted_atlas_head(0.0, 0.0)
+    rolled = np.eye(4)
+    rolled[:3, :3] = euler(0.0, 30.0, 0.0)
+    rolled[0, 3] = 10.0
+    monkeypatch.setattr(atlas_module, "register_pose", lambda fixed, atlas, shrink, start: (rolled, -0.5))
+    reg = register_atlas(Atlas.load(), image, affine)
+    assert reg.status == "asymmetric" and reg.to_atlas is None and reg.symmetry < atlas_module.MIN_SYMMETRY
+    monkeypatch.setattr(atlas_module, "register_pose", lambda fixed, atlas, shrink, start: (np.eye(4), -0.5))
+    reg = register_atlas(Atlas.load(), image, affine)
+    assert reg.status == "ok" and reg.symmetry > 0.9
+
+
 def test_failed_registration_is_reported_not_raised():
     atlas = Atlas.load()
     reg = register_atlas(atlas, np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
