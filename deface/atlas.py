@@ -11,6 +11,8 @@ The wrapper registers a result that fits poorly (whole-head MI above ``GOOD_FIT_
 a coarse search over rotations of the head outline (``head_pose``), so a head tilted beyond the
 optimiser's reach is found too, and turns a head that is far from upright onto a rotated grid
 (``preprocessing.canonical_grid(rotation=...)``) before the network sees it, registered on that grid.
+A fit that leaves the head asymmetric about the atlas's mid-sagittal plane is refused
+(``mirror_symmetry``): the pose search's other poses, or the network alone, are used instead.
 Its brain probability, thresholded, is protected like the network's brain. The labeller
 registers its template with the same ``register_head``.
 """

@@ -370,7 +370,8 @@ class Defacer:
             # at 65 degrees).
             starts = head_poses(self.atlas, head, self.post.atlas_search_candidates)
             pose = rigid_part(starts[0][:3, :3])
-            if (rotation_deg(pose) > self.post.atlas_search_deg
+            if (reg.to_atlas is None  # refused (asymmetric, implausible) or failed: any pose will do better
+                    or rotation_deg(pose) > self.post.atlas_search_deg
                     or roll_yaw_deg(pose) > self.post.atlas_search_roll_yaw_deg):
                 if ref is None:
                     ref = native_intensities(volume.reference(self.mask_from))

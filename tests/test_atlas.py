@@ -341,11 +341,13 @@ def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
     assert np.allclose(axes, np.diag(np.diag(axes))) != turned
 
 
-@pytest.mark.parametrize("pose, searched", [((0.0, 15.0, 0.0), True), ((15.0, 0.0, 0.0), False)])
-def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose(monkeypatch, pose, searched):
+@pytest.mark.parametrize("pose, searched, refused", [((0.0, 15.0, 0.0), True, False), ((15.0, 0.0, 0.0), False, False),
+                                                      ((15.0, 0.0, 0.0), True, True)])
+def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose(monkeypatch, pose, searched, refused):
     """A poor upright fit (MI above GOOD_FIT_MI) sends the wrapper to the pose search; a pose rolled
     or turned 15 degrees is registered from, though under ``atlas_search_deg`` in all (a stroke T2
-    rolled 18 and turned 15 degrees kept its upright fit 17 mm off); one nodded as much is not."""
+    rolled 18 and turned 15 degrees kept its upright fit 17 mm off); one nodded as much is not,
+    unless the upright fit was refused (here: asymmetric), when any searched pose is tried."""
     import deface.atlas as atlas_module
     from deface.atlas import Registration, euler
     from deface.inference import Defacer
@@ -354,6 +356,8 @@ def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose
 
     def register_atlas(atlas, image, affine, shrink=(4, 2), start=None, head=None):
         starts.append(start)
+        if refused and start is None:
+            return Registration(None, "asymmetric", 0.0, symmetry=0.3)
         return Registration(np.eye(4), "ok", 0.0, -0.1)  # upright, a poor fit
 
     searched_pose = np.eye(4)
