@@ -48,7 +48,7 @@ GOOD_FIT_MI = -0.35
 # A registration whose image, mapped into the atlas's space, correlates less than this with its own
 # mirror image (``mirror_symmetry``) is refused ("asymmetric"): a head is close to mirror-symmetric
 # about its mid-sagittal plane, whatever its contrast and pose, so a fit rolled or turned off that
-# plane shows. Right fits: 0.86-0.97 (the 34 validation heads as scanned, cut at the mouth and
+# plane shows. Other fits: 0.85-0.97 (the 34 validation heads as scanned, cut at the mouth and
 # FLAIR-like, tilted, turned, rolled and cut, in 6 mm slices T2-like, cut at the nose FLAIR-like);
 # the two wrong fits found, both FLAIR-like heads cut at the mouth whose face completion removed
 # brain: 0.31 (s20 FLAIR, 39 degrees rolled) and 0.62 (s18 FLAIR, 25 degrees); docs/evaluation.md
