@@ -48,11 +48,11 @@ GOOD_FIT_MI = -0.35
 # A registration whose image, mapped into the atlas's space, correlates less than this with its own
 # mirror image (``mirror_symmetry``) is refused ("asymmetric"): a head is close to mirror-symmetric
 # about its mid-sagittal plane, whatever its contrast and pose, so a fit rolled or turned off that
-# plane shows. Other fits: 0.85-0.97 (the 34 validation heads as scanned, cut at the mouth and
-# FLAIR-like, tilted, turned, rolled and cut, in 6 mm slices T2-like, cut at the nose FLAIR-like);
-# the two wrong fits found, both FLAIR-like heads cut at the mouth whose face completion removed
-# brain: 0.31 (s20 FLAIR, 39 degrees rolled) and 0.62 (s18 FLAIR, 25 degrees); docs/evaluation.md
-# 2026-12-07 (b).
+# plane shows. Other fits: 0.85-0.99 (the 34 validation heads as scanned, cut at the mouth and
+# FLAIR-like; 13 of them tilted, turned, rolled, cut, in thick slices, in other contrasts); the four
+# wrong fits found, all heads cut at the mouth in a contrast unlike T1 whose face completion removed
+# brain (up to 23,246 deepbet voxels): 0.31-0.69, 20-52 degrees rolled or turned;
+# docs/evaluation.md 2026-12-07 (b).
 MIN_SYMMETRY = 0.75
 
 
