@@ -16,7 +16,7 @@ import numpy as np
 
 from tests.conftest import make_phantom
 
-N_FILES = 50
+N_FILES = 30
 
 
 def _batch(folder: Path) -> None:
@@ -41,7 +41,7 @@ def test_kill_and_resume(tmp_path, tiny_weights):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(_command(src, killed, tiny_weights), env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.glob("*_defaced.nii.gz"))) < 10:
+    while time.time() < deadline and len(list(killed.glob("*_defaced.nii.gz"))) < 6:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
