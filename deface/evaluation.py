@@ -301,6 +301,7 @@ class HeadScore:
     rank1_forced: str = ""  # ... with the forced embeddings
     atlas_registration: str = ""  # the registration's status (Defacer stats)
     atlas_symmetry: float = float("nan")  # ... and its mirror symmetry (deface.atlas.mirror_symmetry)
+    face_in_atlas_brain: float = float("nan")  # share of the network's face inside the registered atlas brain
 
 
 def brain_gap_mm(changed: np.ndarray, brain: np.ndarray, spacing: np.ndarray, cap_mm: float = 20.0) -> float:
@@ -393,6 +394,8 @@ def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray
                                                                                      spacing),
         atlas_registration=str(result.stats.get("atlas_registration", "off")),
         atlas_symmetry=float("nan") if result.stats.get("atlas_symmetry") is None else result.stats["atlas_symmetry"],
+        face_in_atlas_brain=(float("nan") if result.stats.get("face_in_atlas_brain") is None
+                             else result.stats["face_in_atlas_brain"]),
     )
     if attacked is not None:
         score.surface_kept = attacked.surface_kept

@@ -22,11 +22,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from deface import MODES, io
+from deface import FACE, MODES, io
 from deface.network import build_network, downsampling_factor, probabilities
-from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, cut_band, filled_tissue_ml,
-                                  grow, looks_skull_stripped, protect_also, remove_also, restrict_to, tissue_signal,
-                                  to_native)
+from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, class_map, cut_band,
+                                  filled_tissue_ml, grow, looks_skull_stripped, protect_also, remove_also, restrict_to,
+                                  tissue_signal, to_native)
 from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities,
                                   to_canonical, voxel_sizes)
 
@@ -64,6 +64,7 @@ class Regions:
     ears: torch.Tensor | None = None  # the registered ear region in the field of view: removed likewise
     brain_beyond_reach_ml: float = 0.0  # the network's brain beyond ``atlas_network_reach_mm`` over the face
     brain_beyond_reach_cut_ml: float = 0.0  # ... of it within ``cut_band_mm`` of the field of view's edge
+    face_in_atlas_brain: float | None = None  # share of the network's face inside the registered atlas brain
 
     def removal(self) -> CanonicalMasks:
         """The network's masks with the atlas brain protected, removal kept to the allowed region,
@@ -193,6 +194,10 @@ def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
         log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                     name, stats["atlas_registration"])
+    if stats.get("atlas_network_disagree"):
+        log.warning("%s: %.0f %% of what the network calls face lies inside the registered atlas brain, which "
+                    "is protected: the face may be only partly removed; check the output",
+                    name, 100 * stats["face_in_atlas_brain"])
     if stats.get("reface_fallback"):
         log.warning("%s: --mode reface needs the atlas registration, which did not succeed: zeros were written", name)
     if stats.get("noise_from_zero_air"):
@@ -451,6 +456,10 @@ class Defacer:
             "atlas_margin_front_mm": regions.atlas_margin_mm,
             "brain_beyond_reach_ml": round(regions.brain_beyond_reach_ml, 2),
             "brain_beyond_reach_cut_ml": round(regions.brain_beyond_reach_cut_ml, 2),
+            "face_in_atlas_brain": (None if regions.face_in_atlas_brain is None
+                                    else round(regions.face_in_atlas_brain, 3)),
+            "atlas_network_disagree": (regions.face_in_atlas_brain is not None and masks.face_found
+                                       and regions.face_in_atlas_brain > self.post.atlas_disagreement_warn),
             "removed_ml": round(removed * voxel_ml, 2),
             "removed_voxels": removed,
             "mask_voxels": int(remove.sum()),
@@ -494,6 +503,9 @@ class Defacer:
 
         mni = atlas_points(to_atlas, canon.grid)
         if guarded:
+            face = class_map(probs) == FACE
+            if bool(face.any()):
+                regions.face_in_atlas_brain = float((face & guard).sum()) / float(face.sum())
             front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)  # over the eyes and brows
             regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, front)
             regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,

@@ -168,6 +168,14 @@ class PostprocessConfig:
     atlas_network_reach_cut_max_ml: float = 1.0
     cut_band_mm: float = 12.0
     cut_brain_margin_mm: float = 10.0
+    # A registered image whose network face lies more than this share inside the registered atlas
+    # brain (``face_in_atlas_brain`` in the stats) gets a warning: network and registration disagree
+    # over the face, and the atlas guard keeps what the network calls face, so less face may have
+    # gone than usual. Either can be the one wrong: the clinical stroke T2's network takes its
+    # frontal lobe for face (0.57 as scanned, 0.75 cut at the mouth), IXI 212 cut at the mouth
+    # FLAIR-like is registered 10 mm forward (0.66, face surface recall 0.11); 0.016-0.14 on other
+    # heads probed, whole or cut at the mouth (docs/evaluation.md 2026-12-07 (c)).
+    atlas_disagreement_warn: float = 0.3
 
 
 @dataclass

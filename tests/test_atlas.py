@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import nibabel as nib
 import numpy as np
@@ -149,8 +150,8 @@ def tilted_in_scanner(pitch: float, roll: float, yaw: float = 0.0) -> tuple[nib.
 
 
 @pytest.mark.parametrize("guard", [True, False])
-def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
-    from deface.inference import Defacer
+def test_atlas_brain_survives_a_network_that_calls_it_face(guard, caplog):
+    from deface.inference import Defacer, outcome_of
 
     if guard:
         defacer = tiny_atlas_defacer()
@@ -167,6 +168,11 @@ def test_atlas_brain_survives_a_network_that_calls_it_face(guard):
         assert result.stats["atlas_registration"] == "ok"
         assert not result.mask[frontal].any()
         assert result.mask.sum() > 5000  # the face in front of the brain still goes
+        # the user is told that network and registration disagree over the face
+        assert result.stats["face_in_atlas_brain"] > 0.3 and result.stats["atlas_network_disagree"]
+        with caplog.at_level(logging.WARNING, logger="deface"):
+            outcome_of("head", result.stats)
+        assert any("inside the registered atlas brain" in r.getMessage() for r in caplog.records)
     else:
         assert result.stats["atlas_registration"] == "off"
         assert result.mask[frontal].all()  # what the guard prevents

@@ -524,6 +524,8 @@ def test_atlas_completion_removes_the_face_the_network_missed_and_no_brain(tiny_
         result = d.apply(volume, canon, probs, registration)
         assert result.stats["brain_voxels_changed"] == 0
         assert np.array_equal(result.raw[truth == BRAIN], volume.raw[truth == BRAIN])
+        # network and registration agree: the face lies outside the atlas brain, no warning
+        assert result.stats["face_in_atlas_brain"] < 0.05 and not result.stats["atlas_network_disagree"]
         masks[complete] = result.mask
     added = masks[True] & ~masks[False]
     upper_face = (truth == FACE) & (points[..., 2] > -10) & face_region_mni(in_atlas)
