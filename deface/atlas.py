@@ -288,6 +288,19 @@ def euler(pitch: float, roll: float, yaw: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def rotation_about(rotation: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The 4x4 world transform that turns points by ``rotation`` (3x3) about ``centre`` (RAS mm)."""
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = centre - rotation @ centre
+    return out
+
+
+def head_top_centre(head: Head) -> np.ndarray:
+    """The centroid (RAS mm) of ``head``'s top 170 mm, where every registration starts from."""
+    return head.affine[:3, :3] @ np.argwhere(head.top).mean(0) + head.affine[:3, 3]
+
+
 def roll_yaw_deg(rotation: np.ndarray) -> float:
     """The angle (degrees) of a 3x3 rotation (``euler`` order: pitch, then roll, then yaw) left
     once its pitch is taken out: how far a head is rolled and turned, not nodded."""

@@ -355,8 +355,8 @@ class Defacer:
                   ref: np.ndarray | None) -> tuple[CanonicalInput, Registration]:
         """``register`` in a frame where ``canon`` is axis-aligned and the image's affine is
         ``native_affine``; the results are in that frame."""
-        from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_poses, register_atlas, rigid_part,
-                                  roll_yaw_deg, rotation_deg)
+        from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_poses, head_top_centre, register_atlas,
+                                  rigid_part, roll_yaw_deg, rotation_about, rotation_deg)
 
         t0 = time.perf_counter()
         image, affine = registration_image(canon), canon.grid.affine
@@ -365,6 +365,14 @@ class Defacer:
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         far = False  # turned far from the atlas pose by the kept registration, found by the pose search
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
+        if not (upright and reg_mi < GOOD_FIT_MI) and reg.to_atlas is not None and self.post.atlas_restart_pitch_deg > 0:
+            first, centre = reg.to_atlas, head_top_centre(head)
+            for angle in (-self.post.atlas_restart_pitch_deg, self.post.atlas_restart_pitch_deg):
+                start = first @ rotation_about(euler(angle, 0.0, 0.0), centre)
+                nodded = register_atlas(self.atlas, image, affine, start=start, head=head)
+                if nodded.to_atlas is not None and nodded.mi < reg_mi:
+                    reg, reg_mi = nodded, nodded.mi
+            upright = rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
         if not (upright and reg_mi < GOOD_FIT_MI):
             # Not a well-fitting upright registration (FLAIRs, IXI 212 and the s21 T1 as scanned, the
             # tilted versions at MI -0.09 to -0.26): search the pose. A head the search finds tilted is

@@ -372,7 +372,7 @@ def test_a_poorly_fitting_head_found_rolled_is_registered_from_the_searched_pose
     monkeypatch.setattr(atlas_module, "head_poses", lambda atlas, head, candidates=1: [searched_pose])
     monkeypatch.setattr(atlas_module, "head_mi", lambda fixed, moving, to_moving: 0.0)
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
-            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
+            "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0, "atlas_restart_pitch_deg": 0.0}}
     defacer = Defacer(network=build_network(TINY_ARCHITECTURE), metadata=meta, device="cpu", ears=False)
     defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
     assert len(starts) == (2 if searched else 1)
@@ -416,11 +416,59 @@ def test_a_tilted_head_is_registered_from_each_searched_pose_and_the_best_intens
     monkeypatch.setattr(atlas_module, "head_poses", lambda atlas, head, k=1: candidates[:k])
     monkeypatch.setattr(atlas_module, "head_mi", head_mi)
     for k, kept in ((1, 0), (3, 1)):
-        defacer = tiny_atlas_defacer(atlas_search_candidates=k)
+        defacer = tiny_atlas_defacer(atlas_search_candidates=k, atlas_restart_pitch_deg=0.0)
         starts.clear()
         _, _, registration = defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
         assert starts == [None, *range(k)]
         np.testing.assert_array_equal(registration.to_atlas, candidates[kept])
+
+
+@pytest.mark.parametrize("upright_mi", [-0.1, -0.4])
+def test_a_poor_upright_fit_is_tried_nodded_and_the_better_intensity_fit_kept(monkeypatch, upright_mi):
+    """With the chin cut off the outline leaves pitch loose (IXI 212 cut at the mouth: 10 mm off at
+    the brows): a poor upright fit (MI above GOOD_FIT_MI) is registered again from itself nodded by
+    -/+ ``atlas_restart_pitch_deg`` about the top of the head, and the lowest MI kept, before any pose
+    search (not needed here: the nodded fit is good); a good upright fit is not tried again."""
+    import deface.atlas as atlas_module
+    from deface.atlas import Registration, euler, head_top_centre, rotation_about
+
+    upright = np.eye(4)
+    upright[:3, 3] = (2.0, -3.0, 4.0)
+    starts, heads = [], []
+
+    def register_atlas(atlas, image, affine, shrink=(4, 2), start=None, head=None):
+        starts.append(start)
+        heads.append(head)
+        if start is None:
+            return Registration(upright, "ok", 0.0, upright_mi)
+        return Registration(start.copy(), "ok", 0.0, -0.45 if len(starts) == 3 else -0.3)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the pose search is not needed after a good nodded fit")
+
+    monkeypatch.setattr(atlas_module, "register_atlas", register_atlas)
+    monkeypatch.setattr(atlas_module, "head_poses", no_search)
+    defacer = tiny_atlas_defacer(atlas_restart_pitch_deg=10.0)
+    _, _, registration = defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
+    if upright_mi < atlas_module.GOOD_FIT_MI:
+        assert starts == [None]
+        np.testing.assert_array_equal(registration.to_atlas, upright)
+        return
+    assert len(starts) == 3 and heads[1] is heads[0] is heads[2]  # on the upright grid, its masks reused
+    centre = head_top_centre(heads[0])
+    for start, angle in zip(starts[1:], (-10.0, 10.0)):
+        np.testing.assert_allclose(start, upright @ rotation_about(euler(angle, 0.0, 0.0), centre))
+    np.testing.assert_array_equal(registration.to_atlas, starts[2])  # the better of the three
+    assert registration.mi == -0.45
+
+
+def test_rotation_about_a_point_leaves_it_in_place():
+    from deface.atlas import euler, rotation_about
+
+    centre = np.array([10.0, -20.0, 30.0])
+    turn = rotation_about(euler(10.0, 0.0, 0.0), centre)
+    np.testing.assert_allclose(turn @ [*centre, 1.0], [*centre, 1.0])
+    np.testing.assert_allclose(turn[:3, :3], euler(10.0, 0.0, 0.0))
 
 
 def test_registration_reports_the_fit_it_was_chosen_by():
