@@ -332,18 +332,20 @@ class Defacer:
         canon, registration = self.register(volume, canon, ref)
         return volume, canon, registration
 
-    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None
-                 ) -> tuple[CanonicalInput, Registration]:
+    def register(self, volume: io.Volume, canon: CanonicalInput, ref: np.ndarray | None = None,
+                 nod: bool = False) -> tuple[CanonicalInput, Registration]:
         """Register the atlas to ``canon`` of ``volume`` (as ``prepare`` made it: axis-aligned in the
         image's ``acquisition_frame``): (the network input, turned upright when the head is far
         tilted, or ``canon`` itself; the registration, its ``seconds`` counting the pose search
         too). ``ref``: the reference volume through ``native_intensities``, if the caller has it.
+        ``nod``: a poor upright fit is tried again nodded (``atlas_restart_pitch_deg``), as for a head
+        cut short (no more tissue than a brain), whose outline leaves pitch loose.
         The work is done in the acquisition frame, the answer given in the world."""
         frame = self.acquisition_frame(volume)
         if frame is None:
-            return self._register(volume.affine, volume, canon, ref)
+            return self._register(volume.affine, volume, canon, ref, nod)
         seen = CanonicalInput(canon.image, Grid(canon.grid.shape, axis_aligned(frame @ canon.grid.affine)), canon.inside)
-        turned, registration = self._register(frame @ volume.affine, volume, seen, ref)
+        turned, registration = self._register(frame @ volume.affine, volume, seen, ref, nod)
         if registration.to_atlas is not None:
             registration = replace(registration, to_atlas=registration.to_atlas @ frame)
         if turned is seen:
@@ -352,7 +354,7 @@ class Defacer:
         return CanonicalInput(turned.image, Grid(turned.grid.shape, back @ turned.grid.affine), turned.inside), registration
 
     def _register(self, native_affine: np.ndarray, volume: io.Volume, canon: CanonicalInput,
-                  ref: np.ndarray | None) -> tuple[CanonicalInput, Registration]:
+                  ref: np.ndarray | None, nod: bool = False) -> tuple[CanonicalInput, Registration]:
         """``register`` in a frame where ``canon`` is axis-aligned and the image's affine is
         ``native_affine``; the results are in that frame."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_poses, head_top_centre, register_atlas,
@@ -365,9 +367,10 @@ class Defacer:
         reg_mi = reg.mi  # on this axis-aligned grid, as head_mi(head, ...) would give it
         far = False  # turned far from the atlas pose by the kept registration, found by the pose search
         upright = reg.to_atlas is not None and rotation_deg(rigid_part(reg.to_atlas[:3, :3])) <= self.post.atlas_upright_deg
-        if not (upright and reg_mi < GOOD_FIT_MI) and reg.to_atlas is not None and self.post.atlas_restart_pitch_deg > 0:
+        pitch = self.post.atlas_restart_pitch_deg
+        if nod and pitch > 0 and reg.to_atlas is not None and not (upright and reg_mi < GOOD_FIT_MI):
             first, centre = reg.to_atlas, head_top_centre(head)
-            for angle in (-self.post.atlas_restart_pitch_deg, self.post.atlas_restart_pitch_deg):
+            for angle in (-pitch, pitch):
                 start = first @ rotation_about(euler(angle, 0.0, 0.0), centre)
                 nodded = register_atlas(self.atlas, image, affine, start=start, head=head)
                 if nodded.to_atlas is not None and nodded.mi < reg_mi:
@@ -556,7 +559,7 @@ class Defacer:
 
         if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        turned, registration = self.register(volume, canon)
+        turned, registration = self.register(volume, canon, nod=True)
         if registration.to_atlas is not None and self.within_atlas_brain(canon, registration.to_atlas):
             return canon, probs, replace(registration, to_atlas=None, status=NOT_NEEDED)
         if turned is not canon:

@@ -84,11 +84,13 @@ class PostprocessConfig:
     # the best intensity fit kept): the head outline fits some wrong poses best (docs/evaluation.md
     # 2026-12-06 (c))
     atlas_search_candidates: int = 3
-    # ... and before that search, from the upright fit itself nodded by +- this many degrees about
-    # the top of the head (0: off), the better intensity fit kept: with the chin and jaw cut off,
-    # the outline leaves pitch loose, and the optimiser stops in the nearest optimum (IXI 212 cut at
-    # the mouth, FLAIR-like: the atlas brain 10 mm forward over the brows at MI -0.258, the search's
-    # poses all asymmetric; from 10 degrees nodded MI -0.316 and 0.5 mm; docs/evaluation.md 2026-12-07 (c)).
+    # ... and before that search, for an image with no more tissue than a brain (a head cut at the
+    # mouth, registered after the network), from the upright fit itself nodded by +- this many
+    # degrees about the top of the head (0: off), the better intensity fit kept: with the chin and
+    # jaw cut off the outline leaves pitch loose, and the optimiser stops in the nearest optimum (IXI
+    # 212 cut at the mouth, FLAIR-like: the atlas brain 10 mm forward over the brows at MI -0.258, the
+    # search's poses all asymmetric; from 10 degrees nodded MI -0.316 and 0.5 mm; docs/evaluation.md
+    # 2026-12-07 (c)). Whole heads do not pay for it: such retries gained them little (2026-12-05 (f)).
     atlas_restart_pitch_deg: float = 10.0
     atlas_upright_deg: float = 25.0
     atlas_upright_pitch_deg: float = 10.0

@@ -423,15 +423,19 @@ def test_a_tilted_head_is_registered_from_each_searched_pose_and_the_best_intens
         np.testing.assert_array_equal(registration.to_atlas, candidates[kept])
 
 
-@pytest.mark.parametrize("upright_mi", [-0.1, -0.4])
-def test_a_poor_upright_fit_is_tried_nodded_and_the_better_intensity_fit_kept(monkeypatch, upright_mi):
+@pytest.mark.parametrize("upright_mi, nod", [(-0.1, True), (-0.4, True), (-0.1, False)])
+def test_a_poor_upright_fit_of_a_cut_head_is_tried_nodded_and_the_better_fit_kept(monkeypatch, upright_mi, nod):
     """With the chin cut off the outline leaves pitch loose (IXI 212 cut at the mouth: 10 mm off at
-    the brows): a poor upright fit (MI above GOOD_FIT_MI) is registered again from itself nodded by
-    -/+ ``atlas_restart_pitch_deg`` about the top of the head, and the lowest MI kept, before any pose
-    search (not needed here: the nodded fit is good); a good upright fit is not tried again."""
+    the brows): with ``nod`` (an image with no more tissue than a brain, registered after the
+    network), a poor upright fit (MI above GOOD_FIT_MI) is registered again from itself nodded by
+    -/+ ``atlas_restart_pitch_deg`` about the top of the head, and the lowest MI kept, before any
+    pose search (not needed here: the nodded fit is good); a good upright fit is not tried again,
+    nor a whole head's (``nod`` off)."""
     import deface.atlas as atlas_module
     from deface.atlas import Registration, euler, head_top_centre, rotation_about
 
+    defacer = tiny_atlas_defacer(atlas_restart_pitch_deg=10.0)
+    volume, canon, _ = tiny_atlas_defacer(atlas=False).prepare(nib.load(str(EXAMPLE_HEAD)))
     upright = np.eye(4)
     upright[:3, 3] = (2.0, -3.0, 4.0)
     starts, heads = [], []
@@ -443,14 +447,14 @@ def test_a_poor_upright_fit_is_tried_nodded_and_the_better_intensity_fit_kept(mo
             return Registration(upright, "ok", 0.0, upright_mi)
         return Registration(start.copy(), "ok", 0.0, -0.45 if len(starts) == 3 else -0.3)
 
-    def no_search(*args, **kwargs):
-        raise AssertionError("the pose search is not needed after a good nodded fit")
+    def head_poses(atlas, head, candidates=1):
+        assert not nod, "the pose search is not needed after a good nodded fit"
+        return [np.eye(4)]  # upright: nothing to register from
 
     monkeypatch.setattr(atlas_module, "register_atlas", register_atlas)
-    monkeypatch.setattr(atlas_module, "head_poses", no_search)
-    defacer = tiny_atlas_defacer(atlas_restart_pitch_deg=10.0)
-    _, _, registration = defacer.prepare(nib.load(str(EXAMPLE_HEAD)))
-    if upright_mi < atlas_module.GOOD_FIT_MI:
+    monkeypatch.setattr(atlas_module, "head_poses", head_poses)
+    _, registration = defacer.register(volume, canon, nod=nod)
+    if upright_mi < atlas_module.GOOD_FIT_MI or not nod:
         assert starts == [None]
         np.testing.assert_array_equal(registration.to_atlas, upright)
         return
