@@ -32,14 +32,9 @@ class PostprocessConfig:
     min_air_ml: float = 2.0  # a face must touch an air region at least this large
     # Brain-only guard: an image whose head tissue lies almost all within ``brain_only_margin_mm``
     # of the predicted brain (fraction and volume below both limits) is skull-stripped: keep it whole.
-    # The network's first look decides alone only where the two are far apart: skull-stripped IXI,
-    # NiChart and niivue heads (any contrast, 6 mm slices) have 1-40 mL there, heads cut at the mouth
-    # 170-870 mL (the s22 T1 made T2-like 170 mL: its scalp called brain; 400 mL until 2026-12-07 (c)
-    # kept its whole face); a generously stripped clinical T2 265-370 mL is registered, and then
-    # called skull-stripped by the atlas (``brain_only_atlas_*`` below).
     brain_only_margin_mm: float = 8.0
     brain_only_fraction: float = 0.2
-    brain_only_ml: float = 100.0
+    brain_only_ml: float = 400.0
     # ... and only if the image's filled tissue and the predicted brain are no larger than an
     # adult brain with its CSF can be: a network confused by an unusual head (tilted 25 degrees:
     # 2,450-2,980 mL of "brain") must not make a whole head pass as skull-stripped.
