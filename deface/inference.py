@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 DEFERRED = "deferred"  # Registration.status: prepare left it to apply (the image may be brain-only)
 NOT_NEEDED = "not needed (skull-stripped)"  # ... and apply found it skull-stripped: nothing is removed
+# ... or its registration failed or was refused, so whether it is a head cut short or a skull-stripped
+# brain is unknown: nothing is removed (the status goes on with the registration's own)
+UNREGISTERED = "failed on an image no larger than a brain, left whole"
 
 log = logging.getLogger("deface")
 # matplotlib (QC pictures) and dlib (face check) are not thread-safe: one writer thread at a time
@@ -160,8 +163,8 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What happened to one ``Job``: status "done", "no face", "brain only" or "failed", a one-line
-    summary, the stats, the wall-clock seconds from the start of its read to its last output."""
+    """What happened to one ``Job``: status "done", "no face", "brain only", "left whole" or "failed",
+    a one-line summary, the stats, the wall-clock seconds from the start of its read to its last output."""
 
     name: str
     status: str
@@ -191,6 +194,11 @@ def axis_aligned(affine: np.ndarray) -> np.ndarray:
 
 def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     """(status, summary) of one defaced image from its stats; logs what the user must check."""
+    if str(stats.get("atlas_registration", "off")).startswith(UNREGISTERED):
+        log.warning("%s: no larger than a brain, and the atlas registration %s: it may be skull-stripped, "
+                    "so nothing was removed; check it (a head cut short keeps its face)", name,
+                    stats["atlas_registration"][len(UNREGISTERED):].strip(" ()"))
+        return "left whole", f"nothing removed (registration {stats['atlas_registration'][len(UNREGISTERED):].strip(' ()')})"
     if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
         log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                     name, stats["atlas_registration"])
@@ -439,7 +447,8 @@ class Defacer:
         # not skull-stripped by the network's first pass (``register_unless_brain_only``). A second
         # pass on a grid turned upright is not asked again (s19 FLAIR cut at the mouth: its face far
         # from the brain 73 mL on the first pass, 44.6 on the turned one, under the 45 mL limit).
-        known = None if registration is None else registration.status == NOT_NEEDED
+        known = None if registration is None else (registration.status == NOT_NEEDED
+                                                   or registration.status.startswith(UNREGISTERED))
         regions = self.regions(canon, probs, to_atlas, brain_only=known)
         masks = regions.removal()
         if masks.face_found and self.atlas is not None:
@@ -553,14 +562,19 @@ class Defacer:
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
         upright for it); an image whose tissue then lies ``within_atlas_brain`` is skull-stripped
-        too (``NOT_NEEDED``, the registration's seconds kept). Returns (canon, probs, registration)
-        for ``apply``."""
+        too (``NOT_NEEDED``, the registration's seconds kept). One whose registration fails or is
+        refused is left whole too (``UNREGISTERED``): without the atlas nothing tells a head cut short
+        from a stripped brain whose rim the network calls face (the s20 FLAIR skull-stripped, T2-like:
+        every fit refused, 47,567 brain voxels removed by the network alone; docs/evaluation.md
+        2026-12-07 (c)). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
         if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         turned, registration = self.register(volume, canon, nod=True)
-        if registration.to_atlas is not None and self.within_atlas_brain(canon, registration.to_atlas):
+        if registration.to_atlas is None:
+            return canon, probs, replace(registration, status=f"{UNREGISTERED} ({registration.status})")
+        if self.within_atlas_brain(canon, registration.to_atlas):
             return canon, probs, replace(registration, to_atlas=None, status=NOT_NEEDED)
         if turned is not canon:
             probs = self.predict([turned])[0]

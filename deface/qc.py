@@ -100,7 +100,7 @@ def flagged(row: dict[str, Any]) -> list[str]:
     reasons = []
     if row.get("status") == "failed":
         reasons.append("failed")
-    if row.get("status") in ("no face", "brain only"):
+    if row.get("status") in ("no face", "brain only", "left whole"):
         reasons.append(row["status"])
     if row.get("face_after"):
         reasons.append("face still detected: " + ", ".join(row["face_after"]))

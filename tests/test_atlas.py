@@ -570,6 +570,44 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     assert np.array_equal(result.raw, volume.raw) and outcome_of("stripped", result.stats)[0] == "no face"
 
 
+def test_a_brain_sized_image_whose_registration_is_refused_is_left_whole(monkeypatch, caplog):
+    """An image no larger than a brain that the network's first look does not call skull-stripped
+    is registered before anything is removed; when no fit is accepted (here: every one asymmetric),
+    nothing tells a head cut short from a stripped brain whose rim the network calls face (the s20
+    FLAIR skull-stripped, T2-like, lost 47,567 brain voxels to the network alone): left whole, and
+    the user told why."""
+    import deface.atlas
+    import deface.inference
+    from deface.atlas import Registration, brain_on_grid
+    from deface.inference import UNREGISTERED, outcome_of
+    from deface.postprocessing import grow
+    from deface.preprocessing import Grid
+
+    defacer = tiny_atlas_defacer()
+    head = nib.load(str(EXAMPLE_HEAD))
+    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
+    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
+    volume, canon, registration = defacer.prepare(stripped)  # deferred: no more tissue than a brain
+    monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: False)
+    monkeypatch.setattr(deface.atlas, "register_atlas",
+                        lambda *a, **k: Registration(None, "asymmetric", 0.0, symmetry=0.3))
+    monkeypatch.setattr(deface.atlas, "head_poses", lambda atlas, head, candidates=1: [np.eye(4)])
+    world = world_points(canon.grid.shape, canon.grid.affine)
+    tissue = canon.image[0] > 0.08
+    frontal = tissue & torch.from_numpy(world[..., 1] > 40)  # the network calls the frontal lobe face
+    probs = torch.zeros((3, *tissue.shape))
+    probs[2] = (tissue & ~frontal).float()
+    probs[FACE] = frontal.float()
+    probs[BACKGROUND] = 1 - probs[2] - probs[FACE]
+    result = defacer.apply(volume, canon, probs, registration)
+    assert np.array_equal(result.raw, volume.raw) and not result.mask.any()
+    assert result.stats["atlas_registration"] == f"{UNREGISTERED} (asymmetric)"
+    with caplog.at_level(logging.WARNING, logger="deface"):
+        status, summary = outcome_of("stripped", result.stats)
+    assert status == "left whole" and "asymmetric" in summary
+    assert any("may be skull-stripped" in r.getMessage() for r in caplog.records)
+
+
 def test_an_image_stored_obliquely_is_seen_along_its_own_voxel_axes():
     """A slab planned on a tilted head is stored obliquely: its voxel axes run along the head. The
     network's grid and the registration follow them (``Defacer.acquisition_frame``), so the same
