@@ -344,7 +344,7 @@ def rotation_search(fixed: Head, moving: Head, candidates: int = 1) -> list[np.n
     to_m = np.linalg.inv(m_affine).astype(np.float32)
     last = shape.astype(np.float32) - 0.5
     volume_m = float(m.sum())
-    start = (fixed.affine[:3, :3] @ np.argwhere(fixed.top).mean(0) + fixed.affine[:3, 3]).astype(np.float32)
+    start = head_top_centre(fixed).astype(np.float32)
 
     def moving_index(rot: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # ((points - centre) @ rot.T + m_centre) in moving voxels (3, N), as one linear map (rot: scale included)

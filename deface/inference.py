@@ -195,10 +195,10 @@ def axis_aligned(affine: np.ndarray) -> np.ndarray:
 def outcome_of(name: str, stats: dict[str, Any]) -> tuple[str, str]:
     """(status, summary) of one defaced image from its stats; logs what the user must check."""
     if str(stats.get("atlas_registration", "off")).startswith(UNREGISTERED):
+        reason = stats["atlas_registration"][len(UNREGISTERED):].strip(" ()")  # the registration's own status
         log.warning("%s: no larger than a brain, and the atlas registration %s: it may be skull-stripped, "
-                    "so nothing was removed; check it (a head cut short keeps its face)", name,
-                    stats["atlas_registration"][len(UNREGISTERED):].strip(" ()"))
-        return "left whole", f"nothing removed (registration {stats['atlas_registration'][len(UNREGISTERED):].strip(' ()')})"
+                    "so nothing was removed; check it (a head cut short keeps its face)", name, reason)
+        return "left whole", f"nothing removed (registration {reason})"
     if stats.get("atlas_registration", "off") not in ("ok", "off", NOT_NEEDED):
         log.warning("%s: atlas registration %s: only the network protects the brain; check the output",
                     name, stats["atlas_registration"])

@@ -527,6 +527,31 @@ def example_prepared():
     return (img, *tiny_atlas_defacer().prepare(img))
 
 
+def stripped_example(defacer) -> nib.Nifti1Image:
+    """The example head skull-stripped: kept within 2 mm of the atlas brain (Colin27 is in MNI
+    space, so the atlas brain is its brain)."""
+    from deface.atlas import brain_on_grid
+    from deface.postprocessing import grow
+    from deface.preprocessing import Grid
+
+    head = nib.load(str(EXAMPLE_HEAD))
+    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
+    return nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
+
+
+def frontal_face_probs(canon, front_y_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, frontal): a network that calls the tissue of ``canon`` in front of MNI y
+    ``front_y_mm`` face and the rest brain."""
+    world = world_points(canon.grid.shape, canon.grid.affine)
+    tissue = canon.image[0] > 0.08
+    frontal = tissue & torch.from_numpy(world[..., 1] > front_y_mm)
+    probs = torch.zeros((3, *tissue.shape))
+    probs[2] = (tissue & ~frontal).float()
+    probs[FACE] = frontal.float()
+    probs[BACKGROUND] = 1 - probs[2] - probs[FACE]
+    return probs, frontal
+
+
 def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     """A brain alone (no more tissue than ``brain_only_max_tissue_ml``) is not registered in
     ``prepare``; when the network's masks say it looks skull-stripped (a face found or not),
@@ -534,15 +559,10 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     image comes back unchanged."""
     import deface.atlas
     import deface.postprocessing
-    from deface.atlas import brain_on_grid
     from deface.inference import DEFERRED, NOT_NEEDED, outcome_of
-    from deface.postprocessing import grow
-    from deface.preprocessing import Grid
 
     defacer = tiny_atlas_defacer()
-    head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
-    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
-    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
+    stripped = stripped_example(defacer)
 
     def no_registration(*args, **kwargs):
         raise AssertionError("a brain-only image was registered")
@@ -553,13 +573,7 @@ def test_a_skull_stripped_image_is_never_registered(monkeypatch):
     monkeypatch.setattr(deface.postprocessing, "looks_brain_only", lambda *a, **k: asked.append(1) or judge(*a, **k))
     volume, canon, registration = defacer.prepare(stripped)
     assert registration.status == DEFERRED and registration.to_atlas is None
-    world = world_points(canon.grid.shape, canon.grid.affine)
-    tissue = canon.image[0] > 0.08
-    frontal = tissue & torch.from_numpy(world[..., 1] > 55)  # the network calls the frontal pole face
-    probs = torch.zeros((3, *tissue.shape))
-    probs[2] = (tissue & ~frontal).float()
-    probs[FACE] = frontal.float()
-    probs[BACKGROUND] = 1 - probs[2] - probs[FACE]
+    probs, frontal = frontal_face_probs(canon, 55.0)  # the network calls the frontal pole face
     result = defacer.apply(volume, canon, probs, registration)
     assert result.stats["brain_only"] and result.stats["atlas_registration"] == NOT_NEEDED
     assert result.stats["atlas_s"] == 0.0 and np.array_equal(result.raw, volume.raw)
@@ -578,27 +592,16 @@ def test_a_brain_sized_image_whose_registration_is_refused_is_left_whole(monkeyp
     the user told why."""
     import deface.atlas
     import deface.inference
-    from deface.atlas import Registration, brain_on_grid
+    from deface.atlas import Registration
     from deface.inference import UNREGISTERED, outcome_of
-    from deface.postprocessing import grow
-    from deface.preprocessing import Grid
 
     defacer = tiny_atlas_defacer()
-    head = nib.load(str(EXAMPLE_HEAD))
-    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
-    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
-    volume, canon, registration = defacer.prepare(stripped)  # deferred: no more tissue than a brain
+    volume, canon, registration = defacer.prepare(stripped_example(defacer))  # deferred: no more tissue than a brain
     monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: False)
     monkeypatch.setattr(deface.atlas, "register_atlas",
                         lambda *a, **k: Registration(None, "asymmetric", 0.0, symmetry=0.3))
     monkeypatch.setattr(deface.atlas, "head_poses", lambda atlas, head, candidates=1: [np.eye(4)])
-    world = world_points(canon.grid.shape, canon.grid.affine)
-    tissue = canon.image[0] > 0.08
-    frontal = tissue & torch.from_numpy(world[..., 1] > 40)  # the network calls the frontal lobe face
-    probs = torch.zeros((3, *tissue.shape))
-    probs[2] = (tissue & ~frontal).float()
-    probs[FACE] = frontal.float()
-    probs[BACKGROUND] = 1 - probs[2] - probs[FACE]
+    probs, _ = frontal_face_probs(canon, 40.0)  # the network calls the frontal lobe face
     result = defacer.apply(volume, canon, probs, registration)
     assert np.array_equal(result.raw, volume.raw) and not result.mask.any()
     assert result.stats["atlas_registration"] == f"{UNREGISTERED} (asymmetric)"
@@ -824,18 +827,12 @@ def test_a_removal_left_with_less_tissue_than_a_face_changes_nothing():
     made PD-like and stored obliquely was missed by the brain-only rule (the network called half its
     brain background and 120 mL of it face), was registered, and its removal, on air in front,
     grazed 1-11 brain voxels."""
-    from deface.atlas import brain_on_grid
     from deface.inference import NOT_NEEDED, outcome_of
-    from deface.postprocessing import grow
-    from deface.preprocessing import Grid
 
     # the rule that calls tissue within reach of the registered brain skull-stripped (which takes this
     # image before it gets here: test_a_skull_stripped_head_...) is set to reach no further than the brain
     defacer = tiny_atlas_defacer(brain_only_atlas_mm=0.0)
-    head = nib.load(str(EXAMPLE_HEAD))  # Colin27 is in MNI space: the atlas brain is its brain
-    brain = grow(brain_on_grid(defacer.atlas, np.eye(4), Grid(head.shape, head.affine), 0.5), 2.0, 2.0).numpy()
-    stripped = nib.Nifti1Image(np.where(brain, np.asarray(head.dataobj, np.float32), 0), head.affine)
-    volume, canon, registration = defacer.prepare(stripped)
+    volume, canon, registration = defacer.prepare(stripped_example(defacer))
     world = world_points(canon.grid.shape, canon.grid.affine)
     tissue = canon.image[0] > 0.08
     front = tissue & torch.from_numpy(world[..., 1] > 30)  # the network calls the front of the brain face
