@@ -759,3 +759,26 @@ def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
     # "face" as far behind the brain (a cerebellum the network missed) is no face: still brain-only
     behind = (mm[..., 1] < -61) & (mm[..., 1] >= -81) & (np.abs(mm[..., 0]) <= 35) & (np.abs(mm[..., 2]) <= 25)
     assert looks_brain_only(tissue | behind, brain, spacing, cfg, behind)
+
+
+def test_more_than_100_ml_beyond_the_brain_is_not_judged_skull_stripped_by_the_network_alone():
+    """A head cut at the mouth whose scalp the network calls brain (the s22 T1 made T2-like: 170 mL
+    of tissue beyond 8 mm of that "brain", 8.5 %) was taken for skull-stripped and kept its whole
+    face; such an image is left to the registration's check now (``brain_only_ml`` 100 mL; the
+    skull-stripped brains of the validation people reach 88 mL but for two, which the registration
+    then leaves whole)."""
+    from dataclasses import replace as with_
+
+    from deface.postprocessing import PostprocessConfig, looks_brain_only
+
+    cfg, spacing = PostprocessConfig(), 2.0
+    mm = (np.indices((80, 84, 76)).transpose(1, 2, 3, 0) - np.array([40, 38, 30])) * spacing
+    r = np.linalg.norm(mm, axis=-1)
+    brain = torch.from_numpy(r <= 55.0)
+    tissue = r <= 59.0
+    scalp = (r >= 68.0) & (r <= 73.0) & (mm[..., 2] > 0)  # over the top of the head
+    beyond_ml = float(scalp.sum()) * spacing**3 / 1000.0
+    assert 100 < beyond_ml < 400 and beyond_ml / float((tissue | scalp).sum() * spacing**3 / 1000) < cfg.brain_only_fraction
+    assert not looks_brain_only(tissue | scalp, brain, spacing, cfg)
+    assert looks_brain_only(tissue | scalp, brain, spacing, with_(cfg, brain_only_ml=400.0))  # the old limit
+    assert looks_brain_only(tissue, brain, spacing, cfg)  # the stripped brain alone still is
