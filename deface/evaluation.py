@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from deface import BRAIN, FACE
 from deface.postprocessing import class_map
@@ -33,8 +34,9 @@ CONTRASTS = ("original", "stored", "t2like", "pdlike", "flairlike", "unilike", "
 TILTS = {"tilted": (25.0, 12.0, 0.0), "turned": (-20.0, 0.0, 25.0), "rolled": (0.0, 18.0, -15.0),
          "flexed": (40.0, 0.0, 10.0), "extended": (-35.0, 0.0, -10.0)}
 ACQUISITIONS = ("original", "thick_axial", "thick_coronal", "thick_sagittal", "coarse_3mm", *TILTS,
-                "crop_chin", "crop_mouth", "crop_nose", "brain_only", "wide_fov")
+                "crop_chin", "crop_mouth", "crop_nose", "brain_only", "brain_only_loose", "wide_fov")
 WIDE_FOV_MM = 40.0  # the air ``acquisition_variant("wide_fov")`` adds on every side
+LOOSE_STRIP_MM = 4.0  # how far past the brain ``acquisition_variant("brain_only_loose")`` keeps tissue
 SURFACE_MM = 10.0
 
 
@@ -173,6 +175,8 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
     ``brain_only``: every voxel outside the brain label set to 0 (nothing may change), and its
     label too: there is no face left, and ``contrast_variant`` must not light the empty head up
     (its T2-like version was a bright solid head around an inverted brain until 2026-12-04 (d));
+    ``brain_only_loose``: the same, keeping everything within ``LOOSE_STRIP_MM`` of the brain (CSF,
+    dura, some skull: a generous skull-strip, as BET or ROBEX can leave; nothing may change either);
     ``regrid``: the same head resampled onto a grid along the world axes (``regrid``);
     ``wide_fov``: 40 mm more air (zeros) on every side, as a scanner field of view much larger than
     the head stores it (a 256 mm cube, FreeSurfer's conformed space).
@@ -210,9 +214,11 @@ def acquisition_variant(data: np.ndarray, labels: np.ndarray, affine: np.ndarray
         shifted[:3, 3] -= affine[:3, :3] @ n
         pad = [(k, k) for k in n]
         return np.pad(data, pad).astype(np.float32), np.pad(labels, pad), shifted
-    if kind == "brain_only":
-        brain = labels == BRAIN
-        return np.where(brain, data, 0).astype(np.float32), np.where(brain, labels, 0).astype(labels.dtype), affine
+    if kind in ("brain_only", "brain_only_loose"):
+        keep = labels == BRAIN
+        if kind == "brain_only_loose":
+            keep = ndi.distance_transform_edt(~keep, sampling=voxel_sizes(affine)) <= LOOSE_STRIP_MM
+        return np.where(keep, data, 0).astype(np.float32), np.where(keep, labels, 0).astype(labels.dtype), affine
     face = labels == FACE
     if not face.any():
         raise ValueError("the crop variants need a labelled face")
@@ -308,7 +314,6 @@ def brain_gap_mm(changed: np.ndarray, brain: np.ndarray, spacing: np.ndarray, ca
     """Distance in mm from the changed voxels to the nearest ``brain`` voxel (0 when a brain voxel
     changed; ``cap_mm`` when none lies that close; nan when nothing changed): how much margin the
     removal kept, beyond the yes/no of "brain voxels changed"."""
-    from scipy import ndimage as ndi
 
     if not changed.any():
         return float("nan")
@@ -330,8 +335,6 @@ def fraction(mask: np.ndarray, of: np.ndarray) -> float:
 def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.ndarray:
     """Voxels of the filled head within ``depth_mm`` of the air outside it (slice-wise hole
     filling, so a field of view that cuts the head still leaves the outside open)."""
-    from scipy import ndimage as ndi
-
     from deface.anatomy import fill_slices
 
     head = ndi.binary_fill_holes(tissue)

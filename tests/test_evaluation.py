@@ -82,6 +82,8 @@ def test_acquisition_variants_keep_labels_on_the_anatomy(kind):
     truth = phantom_truth(world_points(out.shape, world))
     if kind == "brain_only":  # nothing but the brain is left, in the image and in the labels
         truth = np.where(truth == BRAIN, truth, 0)
+    if kind == "brain_only_loose":  # the brain and what lies within LOOSE_STRIP_MM of it
+        truth = np.where(out_labels > 0, truth, 0)
     # labels follow the image's own grid (thick slices: within half a slice of the slab centre)
     assert (out_labels == truth).mean() > (0.97 if kind.startswith("thick") or kind == "coarse_3mm" else 0.999)
     face_before = (labels == FACE).sum() * np.prod(np.abs(np.linalg.eigvals(img.affine[:3, :3])))
@@ -94,6 +96,15 @@ def test_acquisition_variants_keep_labels_on_the_anatomy(kind):
         assert out[labels != BRAIN].max() == 0 and np.array_equal(out[labels == BRAIN], data[labels == BRAIN])
         for contrast in ("t2like", "pdlike", "flairlike"):  # still skull-stripped in any contrast
             assert contrast_variant(out, out_labels, contrast)[labels != BRAIN].max() == 0
+    elif kind == "brain_only_loose":
+        from scipy import ndimage as ndi
+
+        from deface.evaluation import LOOSE_STRIP_MM
+
+        brain = labels == BRAIN
+        near = ndi.distance_transform_edt(~brain, sampling=(2.0, 2.0, 2.0)) <= LOOSE_STRIP_MM
+        assert np.array_equal(out, np.where(near, data, 0)) and np.array_equal(out_labels > 0, near & (labels > 0))
+        assert (near & ~brain & (data > 0)).any()  # more than the brain is left
     else:
         assert face_after == pytest.approx(face_before, rel=0.1)
     if kind.startswith("thick") or kind == "coarse_3mm":
