@@ -562,7 +562,8 @@ class Defacer:
         skull-stripped, with or without a face found (status ``NOT_NEEDED``: nothing is removed from
         it either way), else ``register`` (with the network run again when the head is turned
         upright for it); an image whose tissue then lies ``within_atlas_brain`` is skull-stripped
-        too (``NOT_NEEDED``, the registration's seconds kept). One whose registration fails or is
+        too (``NOT_NEEDED``, the registration's seconds kept), and so is one the first look nearly
+        called so (``brain_only_band_*``) unless its fit is clearly a head's. One whose registration fails or is
         refused is left whole too (``UNREGISTERED``): without the atlas nothing tells a head cut short
         from a stripped brain whose rim the network calls face (the s20 FLAIR skull-stripped, T2-like:
         every fit refused, 47,567 brain voxels removed by the network alone; docs/evaluation.md
@@ -571,17 +572,22 @@ class Defacer:
 
         if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
+        # nearly called skull-stripped: only a clear head is defaced (``brain_only_band_*``)
+        band = looks_skull_stripped(probs, self.spacing, replace(self.post, brain_only_ml=self.post.brain_only_band_ml),
+                                    canon.inside, canon.image[0])
         turned, registration = self.register(volume, canon, nod=True)
         if registration.to_atlas is None:
             return canon, probs, replace(registration, status=f"{UNREGISTERED} ({registration.status})")
-        if self.within_atlas_brain(canon, registration.to_atlas):
+        if self.within_atlas_brain(canon, registration.to_atlas,
+                                   self.post.brain_only_band_atlas_ml if band else self.post.brain_only_atlas_ml) or (
+                band and not registration.symmetry >= self.post.brain_only_band_min_symmetry):
             return canon, probs, replace(registration, to_atlas=None, status=NOT_NEEDED)
         if turned is not canon:
             probs = self.predict([turned])[0]
         return turned, probs, registration
 
-    def within_atlas_brain(self, canon: CanonicalInput, to_atlas: np.ndarray) -> bool:
-        """True when no more than ``brain_only_atlas_ml`` of ``canon``'s tissue lies beyond
+    def within_atlas_brain(self, canon: CanonicalInput, to_atlas: np.ndarray, limit_ml: float | None = None) -> bool:
+        """True when no more than ``limit_ml`` (default ``brain_only_atlas_ml``) of ``canon``'s tissue lies beyond
         ``brain_only_atlas_mm`` of the atlas brain registered to it (``to_atlas``): no face reaches
         out of such an image, whatever the network called face (a skull-stripped brain whose bright
         rim it took for one). Asked only of images with no more tissue than a brain has."""
@@ -592,7 +598,8 @@ class Defacer:
         brain = brain_on_grid(self.atlas, to_atlas, canon.grid, self.post.atlas_threshold)
         tissue = torch.from_numpy(binary_fill_holes(tissue_signal(canon.image[0], canon.inside, self.post).numpy()))
         beyond = tissue & ~grow(brain, self.post.brain_only_atlas_mm, self.spacing)
-        return float(beyond.sum()) * self.spacing**3 / 1000.0 <= self.post.brain_only_atlas_ml
+        limit = self.post.brain_only_atlas_ml if limit_ml is None else limit_ml
+        return float(beyond.sum()) * self.spacing**3 / 1000.0 <= limit
 
     def acquisition_frame(self, volume: io.Volume) -> np.ndarray | None:
         """The world turned (4x4) so that the image's own voxel axes run along its axes

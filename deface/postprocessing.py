@@ -40,6 +40,16 @@ class PostprocessConfig:
     brain_only_margin_mm: float = 8.0
     brain_only_fraction: float = 0.2
     brain_only_ml: float = 100.0
+    # An image the first look would call skull-stripped at ``brain_only_band_ml`` (the limit until
+    # 2026-12-07 (d)) is defaced only on clear evidence of a head from its registration: a fit at least
+    # ``brain_only_band_min_symmetry`` symmetric with more than ``brain_only_band_atlas_ml`` of tissue
+    # beyond ``brain_only_atlas_mm`` of the atlas brain. The s22 T1 cut at the mouth T2-like: 0.937,
+    # 158 mL; the s19 FLAIR skull-stripped within 4 mm of its brain, in 6 mm slices, T2-/FLAIR-like:
+    # fits 0.77 / 0.76 symmetric (MI -0.16), 17 / 119 mL, and 2,374 deepbet brain voxels removed from
+    # the FLAIR-like one when the 5 mL rule below alone judged it.
+    brain_only_band_ml: float = 400.0
+    brain_only_band_min_symmetry: float = 0.85
+    brain_only_band_atlas_ml: float = 50.0
     # ... and only if the image's filled tissue and the predicted brain are no larger than an
     # adult brain with its CSF can be: a network confused by an unusual head (tilted 25 degrees:
     # 2,450-2,980 mL of "brain") must not make a whole head pass as skull-stripped.

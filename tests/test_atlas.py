@@ -611,6 +611,36 @@ def test_a_brain_sized_image_whose_registration_is_refused_is_left_whole(monkeyp
     assert any("may be skull-stripped" in r.getMessage() for r in caplog.records)
 
 
+def test_an_image_the_first_look_nearly_calls_skull_stripped_needs_a_clear_head_to_be_defaced(monkeypatch):
+    """An image the network's first look would call skull-stripped at the old 400 mL limit but not
+    at 100 (the s22 T1 cut at the mouth T2-like: a head; the s19 FLAIR loosely stripped in 6 mm slices
+    FLAIR-like: a brain, its fit 0.76 symmetric, 2,374 brain voxels lost under the 5 mL rule alone) is
+    defaced only when its fit is at least 0.85 symmetric with more than 50 mL beyond 14 mm of the atlas
+    brain; images the first look does not nearly call so keep the 5 mL rule alone."""
+    import deface.inference
+    from deface.atlas import Registration
+    from deface.inference import NOT_NEEDED, Defacer
+
+    defacer = tiny_atlas_defacer()
+    volume, canon, _ = defacer.prepare(stripped_example(defacer))
+    probs, _ = frontal_face_probs(canon, 40.0)
+    off = np.eye(4)
+    off[1, 3] = -30.0  # registered 30 mm off: the frontal lobe beyond the atlas brain's reach
+    assert not defacer.within_atlas_brain(canon, off, 50.0) and defacer.within_atlas_brain(canon, np.eye(4), 5.0)
+
+    def status(nearly: bool, to_atlas: np.ndarray, symmetry: float) -> str:
+        monkeypatch.setattr(deface.inference, "looks_skull_stripped",
+                            lambda probs, spacing, cfg, *a: nearly and cfg.brain_only_ml >= 400)
+        monkeypatch.setattr(Defacer, "register", lambda self, volume, canon, ref=None, nod=False:
+                            (canon, Registration(to_atlas, "ok", 0.0, -0.4, symmetry)))
+        return defacer.register_unless_brain_only(volume, canon, probs)[2].status
+
+    assert status(True, off, 0.76) == NOT_NEEDED  # a fit not clearly symmetric: left whole
+    assert status(True, np.eye(4), 0.95) == NOT_NEEDED  # no head's worth of tissue beyond the brain
+    assert status(True, off, 0.95) == "ok"  # a clear head: defaced
+    assert status(False, off, 0.76) == "ok"  # not nearly skull-stripped: the 5 mL rule alone
+
+
 def test_an_image_stored_obliquely_is_seen_along_its_own_voxel_axes():
     """A slab planned on a tilted head is stored obliquely: its voxel axes run along the head. The
     network's grid and the registration follow them (``Defacer.acquisition_frame``), so the same
