@@ -65,3 +65,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask.astype(bool)
     sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
     return lab == (int(np.argmax(sizes)) + 1)
+
+
+def region_box(region: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of ``region`` grown by ``margin`` voxels a side, clipped to the grid."""
+    nz = np.argwhere(region)
+    if not len(nz):
+        return tuple(slice(0, n) for n in region.shape)
+    lo, hi = np.maximum(nz.min(0) - margin, 0), np.minimum(nz.max(0) + margin + 1, region.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

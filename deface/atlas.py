@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from deface.anatomy import fill_slices, largest_component
+from deface.anatomy import fill_slices, largest_component, region_box
 from deface.preprocessing import Grid, antialias, resample, rigid_part, voxel_sizes, world_bbox
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
@@ -446,15 +446,6 @@ def atlas_points(to_atlas: np.ndarray, grid: Grid) -> np.ndarray:
     from deface.anatomy import voxel_world
 
     return voxel_world(grid.shape, to_atlas @ grid.affine)
-
-
-def region_box(region: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """The bounding box of ``region`` grown by ``margin`` voxels a side, clipped to the grid."""
-    nz = np.argwhere(region)
-    if not len(nz):
-        return tuple(slice(0, n) for n in region.shape)
-    lo, hi = np.maximum(nz.min(0) - margin, 0), np.minimum(nz.max(0) + margin + 1, region.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def physical_shift_scales(shape: tuple[int, ...], affine: np.ndarray, centre_lps: np.ndarray) -> list[float]:

@@ -578,9 +578,9 @@ class Defacer:
         turned, registration = self.register(volume, canon, nod=True)
         if registration.to_atlas is None:
             return canon, probs, replace(registration, status=f"{UNREGISTERED} ({registration.status})")
-        if self.within_atlas_brain(canon, registration.to_atlas,
-                                   self.post.brain_only_band_atlas_ml if band else self.post.brain_only_atlas_ml) or (
-                band and not registration.symmetry >= self.post.brain_only_band_min_symmetry):
+        symmetric = not band or registration.symmetry >= self.post.brain_only_band_min_symmetry
+        limit_ml = self.post.brain_only_band_atlas_ml if band else self.post.brain_only_atlas_ml
+        if not symmetric or self.within_atlas_brain(canon, registration.to_atlas, limit_ml):
             return canon, probs, replace(registration, to_atlas=None, status=NOT_NEEDED)
         if turned is not canon:
             probs = self.predict([turned])[0]

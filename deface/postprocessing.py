@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from deface import BACKGROUND, BRAIN, FACE
+from deface.anatomy import region_box
 from deface.preprocessing import Grid, resample
 
 
@@ -40,16 +41,6 @@ class PostprocessConfig:
     brain_only_margin_mm: float = 8.0
     brain_only_fraction: float = 0.2
     brain_only_ml: float = 100.0
-    # An image the first look would call skull-stripped at ``brain_only_band_ml`` (the limit until
-    # 2026-12-07 (d)) is defaced only on clear evidence of a head from its registration: a fit at least
-    # ``brain_only_band_min_symmetry`` symmetric with more than ``brain_only_band_atlas_ml`` of tissue
-    # beyond ``brain_only_atlas_mm`` of the atlas brain. The s22 T1 cut at the mouth T2-like: 0.937,
-    # 158 mL; the s19 FLAIR skull-stripped within 4 mm of its brain, in 6 mm slices, T2-/FLAIR-like:
-    # fits 0.77 / 0.76 symmetric (MI -0.16), 17 / 119 mL, and 2,374 deepbet brain voxels removed from
-    # the FLAIR-like one when the 5 mL rule below alone judged it.
-    brain_only_band_ml: float = 400.0
-    brain_only_band_min_symmetry: float = 0.85
-    brain_only_band_atlas_ml: float = 50.0
     # ... and only if the image's filled tissue and the predicted brain are no larger than an
     # adult brain with its CSF can be: a network confused by an unusual head (tilted 25 degrees:
     # 2,450-2,980 mL of "brain") must not make a whole head pass as skull-stripped.
@@ -72,6 +63,16 @@ class PostprocessConfig:
     # which the network does call skull-stripped: 3-13 mL; 2026-12-07).
     brain_only_atlas_mm: float = 14.0
     brain_only_atlas_ml: float = 5.0
+    # ... but an image the first look would call skull-stripped at ``brain_only_band_ml`` (the limit
+    # until 2026-12-07 (d)) is defaced only on clear evidence of a head from its registration: a fit
+    # at least ``brain_only_band_min_symmetry`` symmetric with more than ``brain_only_band_atlas_ml``
+    # of tissue beyond ``brain_only_atlas_mm`` of the atlas brain (else it is left whole). The s22 T1
+    # cut at the mouth T2-like: 0.937, 158 mL; the s19 FLAIR skull-stripped within 4 mm of its brain,
+    # in 6 mm slices, T2-/FLAIR-like: fits 0.77 / 0.76 symmetric (MI -0.16), 17 / 119 mL, and 2,374
+    # deepbet brain voxels removed from the FLAIR-like one when the 5 mL rule above alone judged it.
+    brain_only_band_ml: float = 400.0
+    brain_only_band_min_symmetry: float = 0.85
+    brain_only_band_atlas_ml: float = 50.0
     # Atlas guard (deface.atlas): the registered atlas brain (probability >= atlas_threshold),
     # grown by atlas_margin_mm, is protected too, whatever the network says.
     atlas: bool = True
@@ -240,11 +241,7 @@ def grow(mask: torch.Tensor, margin_mm: float, spacing: float) -> torch.Tensor:
         return mask
     if not bool(mask.any()):
         return mask.clone()
-    # only the mask's bounding box grown by the radius can change: the work is done there
-    nz = torch.nonzero(mask)
-    lo = (nz.min(0).values - r).clamp(min=0).tolist()
-    hi = [min(int(v) + r + 1, n) for v, n in zip(nz.max(0).values, mask.shape)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = region_box(mask.numpy(), r)  # only the mask's box grown by the radius can change
     part = mask[box]
     if r > MAX_BALL_VOX:
         grown = torch.from_numpy(ndi.distance_transform_edt(~part.numpy()) <= radius + 1e-6)
