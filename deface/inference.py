@@ -439,7 +439,9 @@ class Defacer:
         is done here, unless the image is brain-only)."""
         if self.atlas is not None and registration is None:
             raise ValueError("the atlas guard and --mode reface need the registration from Defacer.prepare")
-        if registration is not None and registration.status == DEFERRED:
+        # an image no larger than a brain that is registered as a head is a head cut short (at the mouth)
+        cut_short = registration is not None and registration.status == DEFERRED
+        if cut_short:
             canon, probs, registration = self.register_unless_brain_only(volume, canon, probs)
         t0 = time.perf_counter()
         to_atlas = registration.to_atlas if registration is not None else None
@@ -449,7 +451,7 @@ class Defacer:
         # from the brain 73 mL on the first pass, 44.6 on the turned one, under the 45 mL limit).
         known = None if registration is None else (registration.status == NOT_NEEDED
                                                    or registration.status.startswith(UNREGISTERED))
-        regions = self.regions(canon, probs, to_atlas, brain_only=known)
+        regions = self.regions(canon, probs, to_atlas, brain_only=known, cut_short=cut_short)
         masks = regions.removal()
         if masks.face_found and self.atlas is not None:
             # What is left to remove once the brain is protected must hold a face's worth of tissue:
@@ -499,11 +501,12 @@ class Defacer:
         return DefaceResult(volume, raw, remove, stats, to_atlas, probs, canon.grid, regions)
 
     def regions(self, canon: CanonicalInput, probs: torch.Tensor, to_atlas: np.ndarray | None,
-                brain_only: bool | None = None) -> Regions:
+                brain_only: bool | None = None, cut_short: bool = False) -> Regions:
         """The regions ``apply`` removes and protects for the network's ``probs`` on ``canon``,
         through the registration ``to_atlas`` (image -> atlas world; None: the network alone);
         ``brain_only``: whether the image is known to be brain-only (None: judge it), see
-        ``canonical_masks``."""
+        ``canonical_masks``; ``cut_short``: a head with no more tissue than a brain (cut at the
+        mouth), whose atlas brain may get a wider margin in front (``atlas_margin_cut_mm``)."""
         guard = support = None
         if self.post.atlas and to_atlas is not None:
             from deface.atlas import brain_on_grid
@@ -527,7 +530,7 @@ class Defacer:
             if bool(face.any()):
                 regions.face_in_atlas_brain = float((face & guard).sum()) / float(face.sum())
             front = torch.from_numpy(mni[..., 1] >= self.post.atlas_front_y_mm)  # over the eyes and brows
-            regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, front)
+            regions.atlas, regions.atlas_margin_mm = self.atlas_protection(guard, masks.protect, front, cut_short)
             regions.allowed = torch.from_numpy(face_region_mni(mni, self.post.atlas_face_margin_mm,
                                                                self.post.atlas_face_bottom_margin_mm))
             protect = masks.protect
@@ -615,27 +618,32 @@ class Defacer:
         frame[:3, :3] = rotation
         return frame
 
-    def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor
-                         ) -> tuple[torch.Tensor, float]:
+    def atlas_protection(self, atlas_brain: torch.Tensor, network_protected: torch.Tensor, front: torch.Tensor,
+                         cut_short: bool = False) -> tuple[torch.Tensor, float]:
         """(the region the registered atlas brain protects, the margin used in front): the atlas brain
         grown by ``atlas_margin_mm``, by ``atlas_front_margin`` where it lies in ``front`` (the voxels
         in front of MNI y = ``atlas_front_y_mm``, through ``atlas_points``)."""
-        front_mm = self.atlas_front_margin(atlas_brain & front, network_protected)
+        front_mm = self.atlas_front_margin(atlas_brain & front, network_protected, cut_short)
         if front_mm == self.post.atlas_margin_mm:
             return grow(atlas_brain, front_mm, self.spacing), front_mm
         return (grow(atlas_brain & front, front_mm, self.spacing)
                 | grow(atlas_brain & ~front, self.post.atlas_margin_mm, self.spacing)), front_mm
 
-    def atlas_front_margin(self, front_brain: torch.Tensor, network_protected: torch.Tensor) -> float:
+    def atlas_front_margin(self, front_brain: torch.Tensor, network_protected: torch.Tensor,
+                           cut_short: bool = False) -> float:
         """The margin around the registered atlas brain in front of MNI y = ``atlas_front_y_mm`` (over
         the eyes and brows; ``front_brain``: the atlas brain there): ``atlas_margin_front_mm`` where the
         network's protected brain covers at least ``atlas_cover_min`` of it, else ``atlas_margin_mm``
         as everywhere else (the network missed brain there, so the atlas alone stands between the
-        removal and it). Brain the network misses further back (a field of view cut at the mouth
-        clips the cerebellum) is protected by the wider margin there whatever this says."""
+        removal and it), or ``atlas_margin_cut_mm`` if wider on a head ``cut_short`` (at the mouth),
+        whose registration places the frontal pole less surely. Brain the network misses further
+        back (a field of view cut at the mouth clips the cerebellum) is protected by the wider margin
+        there whatever this says."""
         total = int(front_brain.sum())
         covered = int((front_brain & network_protected).sum()) / total if total else 1.0
-        return self.post.atlas_margin_front_mm if covered >= self.post.atlas_cover_min else self.post.atlas_margin_mm
+        if covered >= self.post.atlas_cover_min:
+            return self.post.atlas_margin_front_mm
+        return max(self.post.atlas_margin_mm, self.post.atlas_margin_cut_mm) if cut_short else self.post.atlas_margin_mm
 
     def mode_for(self, to_atlas: np.ndarray | None) -> str:
         """The replacement mode used for an image: ``self.mode``, or "zero" for --mode reface

@@ -144,6 +144,14 @@ class PostprocessConfig:
     # (docs/evaluation.md, 2026-12-05).
     atlas_margin_mm: float = 6.0
     atlas_margin_front_mm: float = 5.0
+    # Optional (0: off): a head with no more tissue than a brain (cut at the mouth:
+    # ``brain_only_max_tissue_ml``) whose network misses the front of the atlas brain gets this margin
+    # there instead. Without chin and jaw the registration's pitch is loose: IXI 015 cut at the mouth,
+    # FLAIR-like, loses 158 labelled brain voxels (CSF and dura in front of the frontal pole, which its
+    # network calls face; 0 of deepbet's and ROBEX's brains, 2.8 mm to deepbet's) at 6 mm, none at 8.
+    # Off because 8 mm doubles what the attack finds of the face on a third of the heads cut at the
+    # mouth (IXI 012: surface kept 0.116 -> 0.255; docs/evaluation.md, 2026-12-07 (e)).
+    atlas_margin_cut_mm: float = 0.0
     atlas_front_y_mm: float = 25.0
     atlas_cover_min: float = 0.95
     # ... and nothing is removed outside the label definition's face region (deface.anatomy)

@@ -678,7 +678,9 @@ def test_an_image_stored_obliquely_is_seen_along_its_own_voxel_axes():
 def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
     """A head small enough to be deferred (here by raising ``brain_only_max_tissue_ml``) that the
     network does not call brain-only is registered in ``apply``: same registration, same mask as
-    registered in ``prepare``; its masks are not judged brain-only again (the first pass said no)."""
+    registered in ``prepare``, unless a wider margin is asked for a head cut short
+    (``atlas_margin_cut_mm``, where the network calls the frontal lobe face, as here); its masks
+    are not judged brain-only again (the first pass said no)."""
     import deface.inference
     from deface.inference import DEFERRED
     from deface.postprocessing import canonical_masks
@@ -692,16 +694,20 @@ def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
     monkeypatch.setattr(deface.inference, "canonical_masks", spy)
     img = nib.load(str(EXAMPLE_HEAD))
     results = []
-    for post in ({}, {"brain_only_max_tissue_ml": 1e6}):
+    small = {"brain_only_max_tissue_ml": 1e6}
+    for post in ({}, small, {**small, "atlas_margin_cut_mm": 8.0}):
         defacer = tiny_atlas_defacer(**post)
         volume, canon, registration = defacer.prepare(img) if post else example_prepared()[1:]
         assert (registration.status == DEFERRED) == bool(post)
         results.append(defacer.apply(volume, canon, greedy_probs(canon), registration))
-    now, deferred = results
+    now, deferred, cut = results
     assert deferred.stats["atlas_registration"] == "ok" and deferred.stats["atlas_s"] > 0
     np.testing.assert_array_equal(deferred.to_atlas, now.to_atlas)
     assert deferred.mask.sum() > 5000 and np.array_equal(deferred.mask, now.mask)
-    assert judged == [False, False]  # registered in prepare, and in apply after the first pass
+    assert now.stats["atlas_margin_front_mm"] == defacer.post.atlas_margin_mm
+    assert cut.stats["atlas_margin_front_mm"] == 8.0 > defacer.post.atlas_margin_mm
+    assert not (cut.mask & ~now.mask).any() and cut.mask.sum() < now.mask.sum()  # the wider margin keeps more
+    assert judged == [False] * 3  # registered in prepare, and in apply after the first pass
 
 
 @pytest.mark.slow  # a tilted head's pose search: 30-40 s on 2 cores

@@ -676,7 +676,7 @@ def test_face_region_grows_downwards_by_its_own_margin():
     assert not face_region_mni(np.array([[0.0, -20.0, FACE_BOTTOM_Z - 30.0]]), 10.0, 40.0)[0]  # not backwards
 
 
-def test_atlas_margin_widens_where_the_network_missed_the_front_of_the_atlas_brain(defacer):
+def test_atlas_margin_widens_where_the_network_missed_the_front_of_the_atlas_brain(defacer, monkeypatch):
     """The atlas brain's margin is the narrow one (over the eyes and brows) only where the
     network's protected brain covers the atlas brain's front; where the network missed brain there
     (a stroke T2 calls its orbitofrontal cortex face) the atlas alone protects, with the wider
@@ -695,6 +695,15 @@ def test_atlas_margin_widens_where_the_network_missed_the_front_of_the_atlas_bra
     assert d.atlas_protection(atlas, missing_front, front)[1] == d.post.atlas_margin_mm > d.post.atlas_margin_front_mm
     assert d.atlas_protection(atlas, missing_back, front)[1] == d.post.atlas_margin_front_mm
     assert d.atlas_front_margin(torch.zeros_like(atlas), agreeing) == d.post.atlas_margin_front_mm  # no atlas brain
+    # a head cut short (at the mouth) registers its frontal pole less surely: where the atlas alone
+    # protects it there, the wider margin if asked for; where the network agrees, the narrow one
+    assert d.atlas_protection(atlas, missing_front, front, cut_short=True)[1] == d.post.atlas_margin_mm  # off by default
+    monkeypatch.setattr(d, "post", dataclasses.replace(d.post, atlas_margin_cut_mm=8.0))
+    region, margin = d.atlas_protection(atlas, missing_front, front, cut_short=True)
+    assert margin == 8.0 > d.post.atlas_margin_mm
+    assert torch.equal(region, grow(atlas & front, margin, d.spacing) | grow(atlas & ~front, d.post.atlas_margin_mm, d.spacing))
+    assert bool((region & ~d.atlas_protection(atlas, missing_front, front)[0]).any())
+    assert d.atlas_protection(atlas, agreeing, front, cut_short=True)[1] == d.post.atlas_margin_front_mm
 
 
 def test_atlas_margin_is_narrow_only_in_front_over_the_face(defacer, monkeypatch):
