@@ -573,11 +573,11 @@ class Defacer:
         2026-12-07 (c)). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        if looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0]):
+        excess_ml = looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0],
+                                         max(self.post.brain_only_ml, self.post.brain_only_band_ml))
+        if excess_ml < self.post.brain_only_ml:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
-        # nearly called skull-stripped: only a clear head is defaced (``brain_only_band_*``)
-        band = looks_skull_stripped(probs, self.spacing, replace(self.post, brain_only_ml=self.post.brain_only_band_ml),
-                                    canon.inside, canon.image[0])
+        band = excess_ml < self.post.brain_only_band_ml  # nearly called skull-stripped: only a clear head is defaced
         turned, registration = self.register(volume, canon, nod=True)
         if registration.to_atlas is None:
             return canon, probs, replace(registration, status=f"{UNREGISTERED} ({registration.status})")

@@ -349,7 +349,16 @@ def filled_tissue_ml(tissue: np.ndarray, spacing: float) -> float:
 
 def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig,
                      face: np.ndarray | None = None) -> bool:
-    """True when nearly all head tissue lies within a margin of the brain (a skull-stripped image).
+    """True when nearly all head tissue lies within a margin of the brain (a skull-stripped image):
+    ``brain_only_excess_ml`` below ``brain_only_ml``."""
+    return brain_only_excess_ml(tissue, brain, spacing, cfg, face, cfg.brain_only_ml) < cfg.brain_only_ml
+
+
+def brain_only_excess_ml(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cfg: PostprocessConfig,
+                         face: np.ndarray | None = None, stop_ml: float = float("inf")) -> float:
+    """mL of head tissue beyond ``brain_only_margin_mm`` of the brain when the image otherwise looks
+    skull-stripped, else infinity (also from ``stop_ml`` on: the caller's largest limit, so a whole
+    head costs no distance transform). One look serves several limits (``brain_only_ml``, ``_band_ml``).
 
     ``tissue``: voxels holding signal; ``brain``: predicted brain; ``face``: predicted face, all on
     the canonical grid. A whole head, even cropped tightly around the face, has hundreds of mL of
@@ -362,18 +371,19 @@ def looks_brain_only(tissue: np.ndarray, brain: torch.Tensor, spacing: float, cf
     total = int(filled.sum())
     voxel_ml = spacing**3 / 1000.0
     if total == 0 or total * voxel_ml > cfg.brain_only_max_tissue_ml:
-        return False
+        return float("inf")
     if float(brain.sum()) * voxel_ml > cfg.brain_only_max_brain_ml:
-        return False
+        return float("inf")
     near = dilate(brain, int(np.ceil(cfg.brain_only_margin_mm / spacing))).numpy()
     beyond = int((filled & ~near).sum())
-    if not (beyond / total < cfg.brain_only_fraction and beyond * voxel_ml < cfg.brain_only_ml):
-        return False
+    if not (beyond / total < cfg.brain_only_fraction and beyond * voxel_ml < stop_ml):
+        return float("inf")
     if face is not None and face.any() and brain.any():
         far = ndi.distance_transform_edt(~brain.numpy()) * spacing > cfg.brain_only_far_face_mm
         front = np.arange(face.shape[1]) > np.nonzero(brain.numpy())[1].mean()
-        return float((face & far & front[None, :, None]).sum()) * voxel_ml <= cfg.brain_only_max_far_face_ml
-    return True
+        if float((face & far & front[None, :, None]).sum()) * voxel_ml > cfg.brain_only_max_far_face_ml:
+            return float("inf")
+    return beyond * voxel_ml
 
 
 def class_map(probs: torch.Tensor) -> torch.Tensor:
@@ -407,11 +417,12 @@ def network_face(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, in
 
 
 def looks_skull_stripped(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor,
-                         image: torch.Tensor) -> bool:
-    """``looks_brain_only`` for the network's output, a face found or not: nothing is removed from
-    such an image either way (``canonical_masks``), so it needs no atlas registration."""
+                         image: torch.Tensor, stop_ml: float = float("inf")) -> float:
+    """``brain_only_excess_ml`` of the network's output, a face found or not (infinity: a head):
+    below ``brain_only_ml`` nothing is removed either way (``canonical_masks``), so such an image
+    needs no atlas registration."""
     labels, signal, face = network_face(probs, spacing, cfg, inside, image)
-    return looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
+    return brain_only_excess_ml(signal, labels == BRAIN, spacing, cfg, face, stop_ml)
 
 
 def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,

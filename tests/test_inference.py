@@ -753,7 +753,7 @@ def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
     and kept its face; a face lying far beyond the brain says it is a head. Face called near the
     brain (frontal lobe, as a network may call it in a skull-stripped image) does not, nor does face
     called behind the brain's centre."""
-    from deface.postprocessing import PostprocessConfig, looks_brain_only
+    from deface.postprocessing import PostprocessConfig, brain_only_excess_ml, looks_brain_only
 
     cfg, spacing = PostprocessConfig(), 2.0
     mm = (np.indices((80, 84, 76)).transpose(1, 2, 3, 0) - np.array([40, 38, 38])) * spacing
@@ -778,7 +778,7 @@ def test_more_than_100_ml_beyond_the_brain_is_not_judged_skull_stripped_by_the_n
     then leaves whole)."""
     from dataclasses import replace as with_
 
-    from deface.postprocessing import PostprocessConfig, looks_brain_only
+    from deface.postprocessing import PostprocessConfig, brain_only_excess_ml, looks_brain_only
 
     cfg, spacing = PostprocessConfig(), 2.0
     mm = (np.indices((80, 84, 76)).transpose(1, 2, 3, 0) - np.array([40, 38, 30])) * spacing
@@ -791,3 +791,7 @@ def test_more_than_100_ml_beyond_the_brain_is_not_judged_skull_stripped_by_the_n
     assert not looks_brain_only(tissue | scalp, brain, spacing, cfg)
     assert looks_brain_only(tissue | scalp, brain, spacing, with_(cfg, brain_only_ml=400.0))  # the old limit
     assert looks_brain_only(tissue, brain, spacing, cfg)  # the stripped brain alone still is
+    # one look serves both limits: the mL beyond, or infinity from the caller's largest limit on
+    excess = brain_only_excess_ml(tissue | scalp, brain, spacing, cfg, stop_ml=400.0)
+    assert 100 < excess <= beyond_ml  # (the margin's cube reaches a little of the scalp)
+    assert brain_only_excess_ml(tissue | scalp, brain, spacing, cfg, stop_ml=excess) == float("inf")
