@@ -28,12 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="zero", help="as deface-infer --mode (zero, noise, reface, ...)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head
+    from evaluate import variant
     from PIL import Image, ImageDraw
 
     from deface import Defacer, facecheck
     from deface.attack import VIEWS
-    from deface.evaluation import acquisition_variant, contrast_variant
     from deface.render import render_views
 
     if not facecheck.available():
@@ -44,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print("subject | views with a face, original | defaced | removed mL")
     for subject in args.subjects:
         name, _, kind = subject.partition(":")
-        data, labels, affine = cache_head(args.cache, name)
-        data, labels, affine = acquisition_variant(data, labels, affine, kind or "original")
-        data = contrast_variant(data, labels, "original")
+        data, labels, affine, _ = variant(args.cache, f"{name}:{kind}:original")
         result = d.deface(nib.Nifti1Image(data, affine))
         before, threshold = render_views(data, affine, VIEWS)  # the attack's views and render threshold
         after, _ = render_views(np.asarray(result.raw, np.float32), affine, VIEWS, threshold)

@@ -65,6 +65,23 @@ def independent_variant(indep: np.ndarray, labels: np.ndarray, affine: np.ndarra
     return acquisition_variant(indep.astype(np.float32), labels, affine, geometry)[0] >= 0.5
 
 
+def variant(cache: Path, spec: str, independent: list[str] | tuple[str, ...] = ()
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The image ``spec`` = NAME[:ACQUISITION[:CONTRAST]] of the cache as this script builds it (the
+    acquisition first, then the contrast; both "original" when left out): (image, labels, affine,
+    the ``independent`` extractors' brain mask through the same geometry, or None without them)."""
+    from deface.evaluation import acquisition_variant, contrast_variant
+
+    name, acq, contrast = (spec.split(":") + ["", ""])[:3]
+    acq, contrast = acq or "original", contrast or "original"
+    data, labels, affine = cache_head(cache, name)
+    indep = None
+    if independent:
+        indep = independent_variant(independent_mask(cache, name, data, affine, list(independent)), labels, affine, acq)
+    image, labels_v, affine_v = acquisition_variant(data, labels, affine, acq)
+    return contrast_variant(image, labels_v, contrast), labels_v, affine_v, indep
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """One row per dict, the first row's keys as the header."""
     with path.open("w", newline="") as f:

@@ -31,21 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contrast", default="original", help="as scripts/evaluate.py --contrasts (one)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head
+    from evaluate import variant
 
     from deface import FACE, Defacer
-    from deface.evaluation import acquisition_variant, contrast_variant, near_skin
+    from deface.evaluation import near_skin
     from deface.preprocessing import resample, voxel_sizes
 
     d = Defacer()
     total = np.zeros(5)
     print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
     for name in args.subjects:
-        data, labels, affine = cache_head(args.cache, name)
-        if args.acquisition != "original":
-            data, labels, affine = acquisition_variant(data, labels, affine, args.acquisition)
-        if args.contrast != "original":
-            data = contrast_variant(data, labels, args.contrast)
+        contrast = "stored" if args.contrast == "original" else args.contrast  # the cache's values as they are
+        data, labels, affine, _ = variant(args.cache, f"{name}:{args.acquisition}:{contrast}")
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         result = d.apply(volume, canon, d.predict([canon])[0], registration)
         regions, grid = result.regions, result.grid  # as Defacer.apply removed and protected

@@ -49,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png-dir", type=Path, default=None, help="write one picture per subject here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head, independent_mask, independent_variant
+    from evaluate import variant
 
     from scipy import ndimage as ndi
 
     from deface import BRAIN, FACE, Defacer
     from deface.attack import KEPT_MM
-    from deface.evaluation import acquisition_variant, contrast_variant
     from deface.preprocessing import resample, voxel_sizes
     from deface.render import head_surface_volume, render_grid
 
@@ -63,14 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm"
           + " | kept > 6 mm from the brain | kept > 8 mm | median mm to the labelled / independent brain")
     for subject in args.subjects:
-        name, _, rest = subject.partition(":")
-        kind, _, contrast = rest.partition(":")
-        data, labels, affine = cache_head(args.cache, name)
-        indep = independent_mask(args.cache, name, data, affine, ["deepbet"])
-        if kind:  # as scripts/evaluate.py makes it: the acquisition first, then the contrast
-            indep = independent_variant(indep, labels, affine, kind)
-            data, labels, affine = acquisition_variant(data, labels, affine, kind)
-            data = contrast_variant(data, labels, contrast or "original")
+        # as scripts/evaluate.py makes it; a bare NAME: the cache's values as they are, as the judge gives them
+        spec = subject if ":" in subject else f"{subject}:original:stored"
+        data, labels, affine, indep = variant(args.cache, spec, ["deepbet"])
         brains = [labels == BRAIN, indep]
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]

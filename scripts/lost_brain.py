@@ -29,11 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--post", nargs="*", default=[], metavar="KEY=VALUE", help="postprocessing settings")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
-    from evaluate import cache_head, independent_mask, independent_variant
+    from evaluate import variant
 
     from deface import BRAIN, Defacer
     from deface.atlas import atlas_points, brain_on_grid
-    from deface.evaluation import acquisition_variant, contrast_variant
     from deface.inference import changed_voxels
     from deface.postprocessing import grow
     from deface.preprocessing import resample, voxel_sizes
@@ -42,17 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     d = Defacer(post={k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.post)})
     for spec in args.images:
-        name, acq, kind = (spec.split(":") + ["original", "original"])[:3]
-        data, labels, affine = cache_head(args.cache, name)
-        image, labels_v, affine_v = acquisition_variant(data, labels, affine, acq)
-        result = d.deface(nib.Nifti1Image(contrast_variant(image, labels_v, kind), affine_v))
+        image, labels_v, affine_v, indep = variant(args.cache, spec, args.independent)
+        result = d.deface(nib.Nifti1Image(image, affine_v))
         changed = changed_voxels(result.raw, result.volume.raw)
         lost = changed & (labels_v == BRAIN)
         line = f"{spec}: {int(lost.sum())} labelled brain voxels changed"
         spacing = voxel_sizes(affine_v)
-        if args.independent:
-            indep = independent_variant(independent_mask(args.cache, name, data, affine, args.independent),
-                                        labels, affine, acq)
+        if indep is not None:
             line += f", {int((changed & indep).sum())} independent"
             if lost.any():
                 mm = ndi.distance_transform_edt(~indep, sampling=spacing)[lost]

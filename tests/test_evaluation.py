@@ -180,3 +180,31 @@ def test_downstream_anchors_move_the_head_and_renoise_it_without_changing_it_oth
     sigma = downstream.NOISE_FRACTION * np.percentile(data, 99)
     assert 0.3 * sigma < np.std(noisy - data) < 2 * sigma  # a new noise realisation at about that level
     np.testing.assert_array_equal(downstream.renoised(data), noisy)  # seeded: the table is reproducible
+
+
+def test_a_variant_spec_builds_the_image_the_evaluation_builds(tmp_path):
+    """``scripts/evaluate.py``'s ``variant`` (shared by the probing scripts): NAME[:ACQUISITION[:CONTRAST]]
+    of the cache is the acquisition first, then the contrast, and an independent brain mask already
+    in the cache follows the same geometry (no extractor runs)."""
+    evaluate = _script("evaluate")
+    img = make_phantom()
+    labels = phantom_truth(world_points(img.shape, img.affine)).astype(np.uint8)
+    data = np.asarray(img.dataobj, np.float32)
+    stored = np.round(np.clip(data / data.max(), 0, 1) * 255).astype(np.uint8)
+    np.savez(tmp_path / "real_x.npz", image=stored, labels=labels, affine=img.affine)
+    (tmp_path / "independent").mkdir()
+    brain = (labels == BRAIN).astype(np.uint8)
+    nib.save(nib.Nifti1Image(brain, img.affine), str(tmp_path / "independent" / "real_x_fake.nii.gz"))
+
+    cached, cached_labels, affine = evaluate.cache_head(tmp_path, "real_x")
+    image, out_labels, out_affine, indep = evaluate.variant(tmp_path, "real_x:crop_mouth:t2like", ["fake"])
+    expected, expected_labels, expected_affine = acquisition_variant(cached, cached_labels, affine, "crop_mouth")
+    np.testing.assert_array_equal(image, contrast_variant(expected, expected_labels, "t2like"))
+    np.testing.assert_array_equal(out_labels, expected_labels)
+    np.testing.assert_allclose(out_affine, expected_affine)
+    assert indep.shape == image.shape and indep.dtype == bool
+    np.testing.assert_array_equal(indep, acquisition_variant(brain.astype(np.float32), cached_labels, affine,
+                                                             "crop_mouth")[0] >= 0.5)
+    plain, _, _, none = evaluate.variant(tmp_path, "real_x")  # both "original": rescaled, uncropped
+    np.testing.assert_array_equal(plain, contrast_variant(cached, cached_labels, "original"))
+    assert none is None
