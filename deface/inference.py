@@ -25,8 +25,8 @@ import torch
 from deface import FACE, MODES, io
 from deface.network import build_network, downsampling_factor, probabilities
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, class_map, cut_band,
-                                  filled_tissue_ml, grow, looks_skull_stripped, protect_also, remove_also, restrict_to,
-                                  tissue_signal, to_native)
+                                  filled_tissue_ml, grow, protect_also, remove_also, restrict_to,
+                                  skull_stripped_excess_ml, tissue_signal, to_native)
 from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities,
                                   to_canonical, voxel_sizes)
 
@@ -573,7 +573,7 @@ class Defacer:
         2026-12-07 (c)). Returns (canon, probs, registration) for ``apply``."""
         from deface.atlas import Registration
 
-        excess_ml = looks_skull_stripped(probs, self.spacing, self.post, canon.inside, canon.image[0],
+        excess_ml = skull_stripped_excess_ml(probs, self.spacing, self.post, canon.inside, canon.image[0],
                                          max(self.post.brain_only_ml, self.post.brain_only_band_ml))
         if excess_ml < self.post.brain_only_ml:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)

@@ -416,7 +416,7 @@ def network_face(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, in
     return labels, signal, face
 
 
-def looks_skull_stripped(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor,
+def skull_stripped_excess_ml(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor,
                          image: torch.Tensor, stop_ml: float = float("inf")) -> float:
     """``brain_only_excess_ml`` of the network's output, a face found or not (infinity: a head):
     below ``brain_only_ml`` nothing is removed either way (``canonical_masks``), so such an image
@@ -433,8 +433,8 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     With the normalised ``image`` (X, Y, Z), a face counts as found only if its voxels hold
     tissue signal (an already defaced image has only air where a face was), and nothing is
     removed from an image that is brain-only: ``brain_only`` when the caller knows (a registered
-    head is not: the first pass on the unturned grid said so; an image ``looks_skull_stripped``
-    called brain-only is), else as ``looks_brain_only`` judges it.
+    head is not: the first pass on the unturned grid said so; an image ``skull_stripped_excess_ml``
+    puts below ``brain_only_ml`` is), else as ``looks_brain_only`` judges it.
     With ``brain_support`` (X, Y, Z; e.g. the registered atlas brain grown by
     ``atlas_brain_support_mm``) holding at least ``atlas_brain_agreement`` of the network's brain
     (or with a network "brain" larger than ``brain_only_max_brain_ml``), only the network's brain

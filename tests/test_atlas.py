@@ -597,7 +597,7 @@ def test_a_brain_sized_image_whose_registration_is_refused_is_left_whole(monkeyp
 
     defacer = tiny_atlas_defacer()
     volume, canon, registration = defacer.prepare(stripped_example(defacer))  # deferred: no more tissue than a brain
-    monkeypatch.setattr(deface.inference, "looks_skull_stripped", lambda *a, **k: float("inf"))
+    monkeypatch.setattr(deface.inference, "skull_stripped_excess_ml", lambda *a, **k: float("inf"))
     monkeypatch.setattr(deface.atlas, "register_atlas",
                         lambda *a, **k: Registration(None, "asymmetric", 0.0, symmetry=0.3))
     monkeypatch.setattr(deface.atlas, "head_poses", lambda atlas, head, candidates=1: [np.eye(4)])
@@ -629,7 +629,7 @@ def test_an_image_the_first_look_nearly_calls_skull_stripped_needs_a_clear_head_
     assert not defacer.within_atlas_brain(canon, off, 50.0) and defacer.within_atlas_brain(canon, np.eye(4), 5.0)
 
     def status(nearly: bool, to_atlas: np.ndarray, symmetry: float) -> str:
-        monkeypatch.setattr(deface.inference, "looks_skull_stripped",  # 200 mL beyond the brain's margin, or a head
+        monkeypatch.setattr(deface.inference, "skull_stripped_excess_ml",  # 200 mL beyond the brain's margin, or a head
                             lambda *a, **k: 200.0 if nearly else float("inf"))
         monkeypatch.setattr(Defacer, "register", lambda self, volume, canon, ref=None, nod=False:
                             (canon, Registration(to_atlas, "ok", 0.0, -0.4, symmetry)))
