@@ -543,8 +543,9 @@ class Defacer:
                     band = cut_band(canon.inside, self.post, self.spacing)
                     if band is not None:
                         regions.brain_beyond_reach_cut_ml = float((brain_beyond & band).sum()) * ml
-                if (regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml
-                        and regions.brain_beyond_reach_cut_ml <= self.post.atlas_network_reach_cut_max_ml):
+                if masks.brain_confused or (regions.brain_beyond_reach_ml <= self.post.atlas_network_reach_max_ml
+                                            and regions.brain_beyond_reach_cut_ml
+                                            <= self.post.atlas_network_reach_cut_max_ml):
                     protect = protect & ~beyond
                 elif band is not None:  # the registration is off over the face: the network's brain alone
                     # protects it, more widely near a cut field of view, where the network sees the anatomy cut off

@@ -195,7 +195,11 @@ class PostprocessConfig:
     # labelled brain voxels changed; IXI 012 14 mL beyond, 2.0 of it at the cut, 775 voxels; 0 now.
     # Heads merely turned reach 49 mL beyond with the registration right and the network confused (a
     # gate at 5 mL kept niivue's face: surface 0.10 -> 0.24), none at a cut; the other suites 3.5 mL,
-    # at a cut 0.53 mL; docs/evaluation.md 2026-12-05 (j).
+    # at a cut 0.53 mL; docs/evaluation.md 2026-12-05 (j). A network whose "brain" is larger than any
+    # brain (``brain_only_max_brain_ml``) is the one confused, and its brain beyond the reach says
+    # nothing against the registration: the reach rule holds (the NiChart s21 T1 made T2-like: 2.6 L of
+    # "brain" down the face and jaw, 71 mL beyond the reach, the registration 0.945 symmetric, nose
+    # and eyes kept as "brain": face surface kept 0.519; docs/evaluation.md 2026-12-07 (f)).
     atlas_network_reach_max_ml: float = 60.0
     atlas_network_reach_cut_max_ml: float = 1.0
     cut_band_mm: float = 12.0
@@ -219,6 +223,7 @@ class CanonicalMasks:
     brain_only: bool = False
     brain_dropped_ml: float = 0.0  # network "brain" not protected: far from the registered atlas brain
     brain: torch.Tensor | None = None  # (X, Y, Z) bool: the network's brain that ``protect`` is grown from
+    brain_confused: bool = False  # the network's "brain" is larger than any brain (``brain_only_max_brain_ml``)
 
 
 def dilate(mask: torch.Tensor, radius_vox: int) -> torch.Tensor:
@@ -445,9 +450,9 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
     face_ml = float(face.sum() * voxel_ml)
     brain_like = (probs[BRAIN] >= cfg.brain_threshold) | (labels == BRAIN)
     dropped_ml = 0.0
+    confused = float(brain_like.sum()) * voxel_ml > cfg.brain_only_max_brain_ml  # more than any brain
     if brain_support is not None and brain_like.any():
         kept = brain_like & brain_support
-        confused = float(brain_like.sum()) * voxel_ml > cfg.brain_only_max_brain_ml  # more than any brain
         if confused or float(kept.sum()) >= cfg.atlas_brain_agreement * float(brain_like.sum()):
             dropped_ml = float((brain_like & ~kept).sum()) * voxel_ml
             brain_like = kept
@@ -457,13 +462,15 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
         brain_only = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     brain_only = found and brain_only
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, brain_like)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, brain_like,
+                              confused)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()
         remove = face | anterior_air(face, background, face_direction(face, (labels == BRAIN).numpy()))
     remove_t = torch.from_numpy(remove) & ~protect
-    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml, brain=brain_like)
+    return CanonicalMasks(remove_t, protect, face_ml, True, brain_dropped_ml=dropped_ml, brain=brain_like,
+                          brain_confused=confused)
 
 
 def protect_also(masks: CanonicalMasks, region: torch.Tensor) -> CanonicalMasks:

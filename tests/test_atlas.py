@@ -757,7 +757,8 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     face over it through its margin (``atlas_network_reach_mm=0``); with a reach (here 7 mm, default
     8) that protection stops at that distance from the registered atlas brain in front, more face
     goes, and no voxel within 4 mm of the brain changes; unless more of the network's brain than
-    ``atlas_network_reach_max_ml`` lies beyond the reach."""
+    ``atlas_network_reach_max_ml`` lies beyond the reach - and a network whose "brain" is larger than
+    any brain (``brain_only_max_brain_ml``, here 1 mL) is the one confused: the reach holds then."""
     from deface import BRAIN
     from deface.anatomy import voxel_world
     from deface.atlas import brain_on_grid
@@ -766,8 +767,10 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
 
     img, volume, canon, registration = example_prepared()  # Colin27 is in MNI space: the atlas brain is its brain
     results = []
-    for reach, most_ml in ((0.0, 1e9), (7.0, 1e9), (7.0, 0.5)):
-        defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach, atlas_network_reach_max_ml=most_ml, cut_band_mm=0.0)
+    # the spill (the atlas brain + 8 mm) is larger than a brain: brain_only_max_brain_ml off, but in the last
+    for reach, most_ml, brain_ml in ((0.0, 1e9, 1e9), (7.0, 1e9, 1e9), (7.0, 0.5, 1e9), (7.0, 0.5, 1.0)):
+        defacer = tiny_atlas_defacer(atlas_network_reach_mm=reach, atlas_network_reach_max_ml=most_ml, cut_band_mm=0.0,
+                                     brain_only_max_brain_ml=brain_ml)
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
         tissue = canon.image[0] > 0.1
         spill = grow(brain, 8.0, 2.0) & tissue
@@ -777,8 +780,9 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
         probs[FACE] = (tissue & ~spill & torch.from_numpy(world[..., 1] > 0)).float()
         probs[BACKGROUND] = 1 - probs[BRAIN] - probs[FACE]
         results.append(defacer.apply(volume, canon, probs, registration))
-    free, capped, doubted = results
+    free, capped, doubted, confused = results
     assert capped.mask.sum() > free.mask.sum() + 500
+    assert confused.stats["brain_beyond_reach_ml"] > 0.5 and np.array_equal(confused.mask, capped.mask)
     # more than atlas_network_reach_max_ml of the network's brain beyond the reach: the registration
     # is not trusted over the face, and the network's protection stands whole
     assert capped.stats["brain_beyond_reach_ml"] > 0.5 and np.array_equal(doubted.mask, free.mask)
@@ -805,6 +809,7 @@ def test_near_a_cut_field_of_view_the_networks_brain_keeps_a_wider_margin(doubt)
     removed = {}
     for band_mm in (0.0, 12.0):
         defacer = tiny_atlas_defacer(atlas_network_reach_mm=7.0, cut_band_mm=band_mm, cut_brain_margin_mm=10.0,
+                                     brain_only_max_brain_ml=1e9,  # the spill below is larger than a brain
                                      **(doubt if band_mm else {"atlas_network_reach_max_ml": 0.0}))
         _, volume, canon, registration = example_prepared()
         brain = brain_on_grid(defacer.atlas, registration.to_atlas, canon.grid, 0.5)
