@@ -575,7 +575,7 @@ class Defacer:
         from deface.atlas import Registration
 
         excess_ml = skull_stripped_excess_ml(probs, self.spacing, self.post, canon.inside, canon.image[0],
-                                         max(self.post.brain_only_ml, self.post.brain_only_band_ml))
+                                             max(self.post.brain_only_ml, self.post.brain_only_band_ml))
         if excess_ml < self.post.brain_only_ml:
             return canon, probs, Registration(None, NOT_NEEDED, 0.0)
         band = excess_ml < self.post.brain_only_band_ml  # nearly called skull-stripped: only a clear head is defaced
