@@ -422,7 +422,7 @@ def network_face(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, in
 
 
 def skull_stripped_excess_ml(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig, inside: torch.Tensor,
-                         image: torch.Tensor, stop_ml: float = float("inf")) -> float:
+                             image: torch.Tensor, stop_ml: float = float("inf")) -> float:
     """``brain_only_excess_ml`` of the network's output, a face found or not (infinity: a head):
     below ``brain_only_ml`` nothing is removed either way (``canonical_masks``), so such an image
     needs no atlas registration."""

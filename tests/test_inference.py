@@ -753,7 +753,7 @@ def test_a_face_far_from_the_brain_is_no_skull_stripped_image():
     and kept its face; a face lying far beyond the brain says it is a head. Face called near the
     brain (frontal lobe, as a network may call it in a skull-stripped image) does not, nor does face
     called behind the brain's centre."""
-    from deface.postprocessing import PostprocessConfig, brain_only_excess_ml, looks_brain_only
+    from deface.postprocessing import PostprocessConfig, looks_brain_only
 
     cfg, spacing = PostprocessConfig(), 2.0
     mm = (np.indices((80, 84, 76)).transpose(1, 2, 3, 0) - np.array([40, 38, 38])) * spacing
