@@ -29,7 +29,7 @@ import torch
 from scipy import ndimage as ndi
 
 from deface.anatomy import fill_slices, largest_component, region_box
-from deface.preprocessing import Grid, antialias, resample, rigid_part, voxel_sizes, world_bbox
+from deface.preprocessing import Grid, antialias, resample, voxel_sizes, world_bbox
 
 ATLAS_FILE = Path(__file__).parent / "assets" / "brainweb_atlas_2mm.npz"
 # Registration is judged implausible when it stretches the head beyond these factors.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +29,10 @@ from scipy import ndimage as ndi
 from deface import BRAIN, FACE
 from deface.postprocessing import class_map
 from deface.preprocessing import Grid, resample, voxel_sizes
+
+if TYPE_CHECKING:
+    from deface.attack import AttackResult
+    from deface.inference import DefaceResult
 
 CONTRASTS = ("original", "stored", "t2like", "pdlike", "flairlike", "unilike", "biased", "noisy")
 # (pitch, roll, yaw) in degrees of the head moved in world space (``atlas.euler``)
@@ -344,7 +349,7 @@ def near_skin(tissue: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.nd
     return head & (depth <= depth_mm)
 
 
-def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceResult"]:  # noqa: F821
+def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, DefaceResult]:
     """(network label map on the native grid, the full wrapper's result) for one image."""
     result = defacer.deface(image)
     labels = class_map(result.probs)[None].float()
@@ -354,7 +359,7 @@ def native_labels(defacer, image: nib.Nifti1Image) -> tuple[np.ndarray, "DefaceR
 
 def score_head(defacer, name: str, image: nib.Nifti1Image, reference: np.ndarray,
                independent_brain: np.ndarray | None = None, attack: bool = False
-               ) -> tuple[HeadScore, "AttackResult | None"]:  # noqa: F821
+               ) -> tuple[HeadScore, AttackResult | None]:
     """Every figure for one labelled head, and the attack's result when ``attack``; ``reference``
     and ``independent_brain`` (a brain mask from another tool) are on ``image``'s grid."""
     import time

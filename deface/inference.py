@@ -27,7 +27,7 @@ from deface.network import build_network, downsampling_factor, probabilities
 from deface.postprocessing import (CanonicalMasks, PostprocessConfig, canonical_masks, class_map, cut_band,
                                   filled_tissue_ml, grow, protect_also, remove_also, restrict_to,
                                   skull_stripped_excess_ml, tissue_signal, to_native)
-from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities,
+from deface.preprocessing import (CanonicalInput, Grid, acquisition_rotation, native_intensities, rigid_part,
                                   to_canonical, voxel_sizes)
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ class Defacer:
         """``register`` in a frame where ``canon`` is axis-aligned and the image's affine is
         ``native_affine``; the results are in that frame."""
         from deface.atlas import (GOOD_FIT_MI, Head, euler, head_mi, head_poses, head_top_centre, register_atlas,
-                                  rigid_part, roll_yaw_deg, rotation_about, rotation_deg)
+                                  roll_yaw_deg, rotation_about, rotation_deg)
 
         t0 = time.perf_counter()
         image, affine = registration_image(canon), canon.grid.affine
@@ -475,6 +475,7 @@ class Defacer:
             "already_defaced": bool(remove.any()) and looks_already_defaced(volume.reference(self.mask_from), remove),
             "face_ml_predicted": round(masks.face_ml, 2),
             "brain_dropped_ml": round(masks.brain_dropped_ml, 2),
+            "network_brain_confused": masks.brain_confused,  # its "brain" larger than any brain: not trusted
             "atlas_margin_front_mm": regions.atlas_margin_mm,
             "brain_beyond_reach_ml": round(regions.brain_beyond_reach_ml, 2),
             "brain_beyond_reach_cut_ml": round(regions.brain_beyond_reach_cut_ml, 2),

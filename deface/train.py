@@ -75,7 +75,6 @@ def hardware() -> str:
 
 def train(cfg: DictConfig) -> dict:
     import lightning as L
-    import torch
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -20,7 +20,7 @@ import yaml
 from scipy import ndimage as ndi
 
 from deface import BRAIN, FACE
-from deface.data.labels import voxel_world
+from deface.anatomy import voxel_world
 from deface.evaluation import near_skin
 from deface.preprocessing import voxel_sizes
 

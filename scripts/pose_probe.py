@@ -63,7 +63,7 @@ def main(names: list[str]) -> int:
     import deface.atlas as A
     from deface.evaluation import acquisition_variant
     from deface.inference import Defacer
-    from deface.preprocessing import to_canonical
+    from deface.preprocessing import rigid_part, to_canonical
     from evaluate import cache_head
 
     d = Defacer(device="cpu", atlas_guard=False)
@@ -82,7 +82,7 @@ def main(names: list[str]) -> int:
             st = net_search(atlas, probs, c.grid.affine)
             st2 = A.head_pose(atlas, A.Head(c.image[0].numpy(), c.grid.affine))
             def err(T): return round(max(np.linalg.norm((T @ np.linalg.inv(truth) @ np.r_[p, 1])[:3] - p) for p in pts_check), 1)
-            def rdeg(T): return round(A.rotation_deg(A.rigid_part(T[:3,:3]) @ A.rigid_part(truth[:3,:3]).T), 1)
+            def rdeg(T): return round(A.rotation_deg(rigid_part(T[:3,:3]) @ rigid_part(truth[:3,:3]).T), 1)
             print(name, acq, "net search err", err(st), "rot err", rdeg(st), "| outline search err", err(st2), "rot err", rdeg(st2), flush=True)
     return 0
 

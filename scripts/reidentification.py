@@ -14,9 +14,6 @@ import csv
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

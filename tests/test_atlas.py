@@ -183,7 +183,7 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     in the label definition's face region (grown by the margin) mapped through the registration,
     and in the ear region (removed by default)."""
     from deface.anatomy import EAR_MIN_X, EAR_Y, EAR_Z
-    from deface.data.labels import face_region_mni, voxel_world
+    from deface.anatomy import face_region_mni, voxel_world
     defacer = tiny_atlas_defacer(atlas_face_margin_mm=10.0)
     img, volume, canon, registration = example_prepared()
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
@@ -240,7 +240,8 @@ def tilted_atlas_head(pitch: float, roll: float) -> tuple[np.ndarray, np.ndarray
 def test_head_pose_and_registration_find_a_head_tilted_beyond_the_optimisers_reach():
     """Pitched 35 and rolled 15 degrees: the rotation search brings the start within reach and the
     registration from it undoes the tilt (from upright it did not: 40 mm off at the face)."""
-    from deface.atlas import Head, head_pose, rigid_part, rotation_deg
+    from deface.atlas import Head, head_pose, rotation_deg
+    from deface.preprocessing import rigid_part
 
     atlas = Atlas.load()
     image, affine, tilt = tilted_atlas_head(35.0, 15.0)
@@ -298,8 +299,9 @@ def test_a_tilted_head_is_turned_upright_and_its_brain_kept():
     tissue in front face still removes only face-region voxels, never the frontal brain (the ears,
     removed by default since 2026-12-04 (e), are left to their own tests)."""
     from deface.anatomy import face_region_mni, voxel_world
-    from deface.atlas import euler, rigid_part, rotation_deg
+    from deface.atlas import rotation_deg
     from deface.inference import Defacer
+    from deface.preprocessing import rigid_part
 
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
             "postprocessing": {"brain_margin_mm": 6.0, "min_face_ml": 1.0}}
@@ -334,7 +336,6 @@ def test_a_turned_head_is_seen_upright_and_a_nodding_one_as_it_is(tilt, turned):
     (yaw; within the upright registration's reach, under ``atlas_upright_deg``) is resampled upright
     for the network; the same head nodded 15 degrees (pitch, as heads lie in the scanner) keeps its
     axis-aligned grid."""
-    from deface.atlas import euler
     from deface.inference import Defacer
 
     meta = {"architecture": TINY_ARCHITECTURE, "preprocessing": {"spacing_mm": 2.0, "multiple": 4},
@@ -386,8 +387,8 @@ def test_a_tilted_head_is_registered_from_each_searched_pose_and_the_best_intens
     wrapper registers from each of the search's poses and keeps the lowest whole-head MI, the
     upright fit included; the pose search offers them best first, distinct."""
     import deface.atlas as atlas_module
-    from deface.atlas import Head, Registration, euler, rigid_part, rotation_deg, rotation_search
-    from deface.inference import Defacer
+    from deface.atlas import Head, Registration, euler, rotation_deg, rotation_search
+    from deface.preprocessing import rigid_part
 
     atlas = Atlas.load()
     image, affine, _ = tilted_atlas_head(30.0, 10.0)
@@ -714,7 +715,6 @@ def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
 def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     """Registered in ``apply``, a far-tilted head is still turned upright for the network, which
     runs again on the turned grid; the frontal brain stays protected."""
-    from deface.atlas import euler
 
     defacer = tiny_atlas_defacer(brain_only_max_tissue_ml=1e6)
     img, tilt = tilted_in_scanner(35.0, 15.0)
@@ -783,6 +783,7 @@ def test_the_networks_brain_protects_the_face_region_only_near_the_atlas_brain()
     free, capped, doubted, confused = results
     assert capped.mask.sum() > free.mask.sum() + 500
     assert confused.stats["brain_beyond_reach_ml"] > 0.5 and np.array_equal(confused.mask, capped.mask)
+    assert confused.stats["network_brain_confused"] and not capped.stats["network_brain_confused"]
     # more than atlas_network_reach_max_ml of the network's brain beyond the reach: the registration
     # is not trusted over the face, and the network's protection stands whole
     assert capped.stats["brain_beyond_reach_ml"] > 0.5 and np.array_equal(doubted.mask, free.mask)

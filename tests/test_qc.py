@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from deface import FACE, cli, facecheck
+from deface import cli, facecheck
 from deface.evaluation import reorient
 from deface.render import VIEWS, render_views
-from tests.conftest import make_phantom, oracle_probs, phantom_truth, world_points
+from tests.conftest import make_phantom, oracle_probs
 
 
 def _phantom_arrays():

@@ -48,7 +48,7 @@ def head_mask(image: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     hi = np.percentile(smooth, 99.0)
     lo = np.percentile(smooth, 2.0)
     mask = smooth > lo + 0.08 * (hi - lo)
-    from deface.data.labels import fill_slices, largest_component
+    from deface.anatomy import fill_slices, largest_component
 
     mask = largest_component(mask)
     mask = ndi.binary_closing(mask, iterations=2)

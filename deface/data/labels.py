@@ -11,8 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from deface import BACKGROUND, BRAIN, FACE
-from deface.anatomy import (FACE_BOTTOM_Z, FACE_BOUNDARY_Y, FACE_BOUNDARY_Z, FACE_TOP_Z,  # noqa: F401 (re-exported)
-                            ball, face_region_mni, fill_slices, largest_component, voxel_world)
+from deface.anatomy import ball, face_region_mni, largest_component, voxel_world
 from deface.preprocessing import voxel_sizes
 
 BRAIN_GAP_MM = 3.0  # face labels keep this distance from the brain label
