@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     total = np.zeros(5)
     print("head | face surface voxels | removed | not predicted | network brain | atlas brain | outside region")
     for name in args.subjects:
-        contrast = "stored" if args.contrast == "original" else args.contrast  # the cache's values as they are
-        data, labels, affine, _ = variant(args.cache, f"{name}:{args.acquisition}:{contrast}")
+        data, labels, affine, _ = variant(args.cache, f"{name}:{args.acquisition}:{args.contrast}")
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         result = d.apply(volume, canon, d.predict([canon])[0], registration)
         regions, grid = result.regions, result.grid  # as Defacer.apply removed and protected

@@ -10,10 +10,12 @@ the tissue 3 mm under it, first reason first, with a picture per head:
 - not wanted: neither the network's face nor the face region's tissue to complete;
 - other: wanted and allowed, yet not removed (e.g. a component the face rules dropped, or only a
   thin layer removed above tissue that is not).
-A subject ``NAME:KIND`` is the cached head as ``deface.evaluation.acquisition_variant`` KIND makes
-it (e.g. ``tilted``, ``crop_mouth``, ``original``), in its original contrast; ``NAME:KIND:CONTRAST``
-also in ``deface.evaluation.contrast_variant``'s CONTRAST (e.g. ``real_ixi162_t1:original:flairlike``). ``scripts/kept_face.py`` asks the
-same of the labelled face voxels instead of the rendered surface.
+A subject is read as ``scripts/evaluate.py`` reads it: ``NAME:KIND`` is the cached head as
+``deface.evaluation.acquisition_variant`` KIND makes it (e.g. ``tilted``, ``crop_mouth``; a bare
+NAME: ``original``), in its ``original`` contrast (rescaled, clipped at the 99.5th percentile);
+``NAME:KIND:CONTRAST`` in ``deface.evaluation.contrast_variant``'s CONTRAST instead (e.g.
+``real_ixi162_t1:original:flairlike``; ``stored``: the cache's values as they are).
+``scripts/kept_face.py`` asks the same of the labelled face voxels instead of the rendered surface.
 
 The last columns say how much of the kept face could go at all without touching the brain: the
 share of face pixels kept whose tissue 3 mm under the surface lies more than 6 / 8 mm from both
@@ -62,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print("subject | face pixels | kept | " + " | ".join(REASONS) + " | registration | front margin mm"
           + " | kept > 6 mm from the brain | kept > 8 mm | median mm to the labelled / independent brain")
     for subject in args.subjects:
-        # as scripts/evaluate.py makes it; a bare NAME: the cache's values as they are, as the judge gives them
-        spec = subject if ":" in subject else f"{subject}:original:stored"
-        data, labels, affine, indep = variant(args.cache, spec, ["deepbet"])
+        data, labels, affine, indep = variant(args.cache, subject, ["deepbet"])  # as scripts/evaluate.py makes it
         brains = [labels == BRAIN, indep]
         volume, canon, registration = d.prepare(nib.Nifti1Image(data, affine))
         probs = d.predict([canon])[0]
