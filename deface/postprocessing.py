@@ -462,8 +462,8 @@ def canonical_masks(probs: torch.Tensor, spacing: float, cfg: PostprocessConfig,
         brain_only = signal is not None and looks_brain_only(signal, labels == BRAIN, spacing, cfg, face)
     brain_only = found and brain_only
     if not found or brain_only:
-        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only, dropped_ml, brain_like,
-                              confused)
+        return CanonicalMasks(torch.zeros_like(protect), protect, face_ml, False, brain_only,
+                              brain_dropped_ml=dropped_ml, brain=brain_like, brain_confused=confused)
     remove = face
     if cfg.clear_air:
         background = (labels == BACKGROUND).numpy()

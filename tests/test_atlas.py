@@ -182,8 +182,7 @@ def test_nothing_is_removed_outside_the_registered_face_region():
     """A network that calls the whole front half of the head face: with the guard, removal stays
     in the label definition's face region (grown by the margin) mapped through the registration,
     and in the ear region (removed by default)."""
-    from deface.anatomy import EAR_MIN_X, EAR_Y, EAR_Z
-    from deface.anatomy import face_region_mni, voxel_world
+    from deface.anatomy import EAR_MIN_X, EAR_Y, EAR_Z, face_region_mni, voxel_world
     defacer = tiny_atlas_defacer(atlas_face_margin_mm=10.0)
     img, volume, canon, registration = example_prepared()
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
@@ -715,7 +714,6 @@ def test_a_deferred_head_is_registered_as_it_would_have_been(monkeypatch):
 def test_a_deferred_tilted_head_is_turned_and_seen_again_by_the_network():
     """Registered in ``apply``, a far-tilted head is still turned upright for the network, which
     runs again on the turned grid; the frontal brain stays protected."""
-
     defacer = tiny_atlas_defacer(brain_only_max_tissue_ml=1e6)
     img, tilt = tilted_in_scanner(35.0, 15.0)
     volume, canon, registration = defacer.prepare(img)
