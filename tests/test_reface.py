@@ -185,3 +185,21 @@ def test_each_volume_of_a_4d_image_keeps_its_own_values(refacer, scan):
         assert changed.any() and not (changed & ~remove).any()
         assert np.isin(raw[..., t][deep], stack[..., t][remove]).all()
     assert not np.isin(raw[..., 1][deep], stack[..., 0][remove]).all()
+
+
+
+def test_the_generic_head_has_no_hollow_a_6mm_ball_cannot_enter():
+    """The shipped generic head as scripts/build_reface_template.py leaves it: closed by a ball of
+    6 mm radius (its nostrils and lips were hollows that the attack's face detector keyed on), the
+    filled voxels skin-like middle tissue, and its face still standing out in front."""
+    from scipy import ndimage as ndi
+
+    head = reface.load_generic_head()
+    solid = head.tissue > 0
+    r = int(round(6.0 / float(np.mean(voxel_sizes(head.affine)))))
+    ball = (np.indices((2 * r + 1,) * 3) - r) ** 2
+    closed = ndi.binary_closing(np.pad(solid, r + 1), ball.sum(0) <= r * r)[(slice(r + 1, -r - 1),) * 3]
+    assert not (closed & ~solid).any()
+    nose = solid[solid.shape[0] // 2, :, :].any(1).nonzero()[0].max()  # the front-most tissue, mid-sagittal
+    cheek = solid[solid.shape[0] // 2 + 20, :, :].any(1).nonzero()[0].max()  # 40 mm to the side
+    assert nose - cheek >= 5  # at least 10 mm: the closing did not flatten the face
