@@ -187,11 +187,10 @@ def test_each_volume_of_a_4d_image_keeps_its_own_values(refacer, scan):
     assert not np.isin(raw[..., 1][deep], stack[..., 0][remove]).all()
 
 
-
 def test_the_generic_head_has_no_hollow_a_6mm_ball_cannot_enter():
     """The shipped generic head as scripts/build_reface_template.py leaves it: closed by a ball of
-    6 mm radius (its nostrils and lips were hollows that the attack's face detector keyed on), the
-    filled voxels skin-like middle tissue, and its face still standing out in front."""
+    6 mm radius (with its nostrils and lips filled, fewer refaced renders held a face the attack's
+    detector finds: docs/evaluation.md 2026-12-07 (h)), its face still standing out in front."""
     from scipy import ndimage as ndi
 
     head = reface.load_generic_head()
