@@ -42,11 +42,12 @@ def closed_hollows(tissue: np.ndarray, voxel_mm: float) -> np.ndarray:
     holes filled; the voxels added are middle tissue (skin)."""
     from scipy import ndimage as ndi
 
+    from deface.anatomy import ball
+
     out = tissue.copy()
     r = int(round(CLOSE_RADIUS_MM / voxel_mm))
-    ball = (np.indices((2 * r + 1,) * 3) - r) ** 2
     solid = np.pad(tissue > 0, r + 1)
-    closed = ndi.binary_fill_holes(ndi.binary_closing(solid, ball.sum(0) <= r * r))[(slice(r + 1, -r - 1),) * 3]
+    closed = ndi.binary_fill_holes(ndi.binary_closing(solid, ball(np.full(3, r))))[(slice(r + 1, -r - 1),) * 3]
     out[closed & (tissue == 0)] = 2
     return out
 

@@ -193,11 +193,12 @@ def test_the_generic_head_has_no_hollow_a_6mm_ball_cannot_enter():
     detector finds: docs/evaluation.md 2026-12-07 (h)), its face still standing out in front."""
     from scipy import ndimage as ndi
 
+    from deface.anatomy import ball
+
     head = reface.load_generic_head()
     solid = head.tissue > 0
     r = int(round(6.0 / float(np.mean(voxel_sizes(head.affine)))))
-    ball = (np.indices((2 * r + 1,) * 3) - r) ** 2
-    closed = ndi.binary_closing(np.pad(solid, r + 1), ball.sum(0) <= r * r)[(slice(r + 1, -r - 1),) * 3]
+    closed = ndi.binary_closing(np.pad(solid, r + 1), ball(np.full(3, r)))[(slice(r + 1, -r - 1),) * 3]
     assert not (closed & ~solid).any()
     nose = solid[solid.shape[0] // 2, :, :].any(1).nonzero()[0].max()  # the front-most tissue, mid-sagittal
     cheek = solid[solid.shape[0] // 2 + 20, :, :].any(1).nonzero()[0].max()  # 40 mm to the side
