@@ -108,6 +108,41 @@ class Head:
         """Head voxels within 130 mm of the top: where outline fits are compared."""
         return top_of(self.tissue, self.affine, 130.0)
 
+    @cached_property
+    def outline(self) -> np.ndarray:
+        """The solid head smoothed (float32): what the "outline" metric compares."""
+        return ndi.gaussian_filter(self.solid.astype(np.float32), 1.5)
+
+    def smoothed(self, kind: str, sigma: float):
+        """``image`` (kind "image") or ``outline`` ("outline") as a SimpleITK image smoothed by
+        ``sigma`` mm as ITK's registration smooths a level (a recursive Gaussian; none at 0), made
+        once for every stage and level that uses it."""
+        import SimpleITK as sitk
+
+        key = (kind, float(sigma))
+        if key not in self._smoothed:
+            image = _to_sitk(self.image if kind == "image" else self.outline, self.affine)
+            self._smoothed[key] = sitk.SmoothingRecursiveGaussian(image, float(sigma)) if sigma > 0 else image
+        return self._smoothed[key]
+
+    @cached_property
+    def _smoothed(self) -> dict:
+        return {}
+
+    @cached_property
+    def measured(self) -> dict:
+        """``outline_overlap`` and ``head_mi`` results with this head fixed (``_measure``): a
+        registration asks for the same one more than once."""
+        return {}
+
+
+def _measure(name: str, fixed: Head, moving: Head, to_moving: np.ndarray, compute) -> float:
+    """``compute(fixed, moving, to_moving)``, once per fixed head, moving head and transform."""
+    key = (name, id(moving), np.asarray(to_moving, dtype=np.float64).tobytes())
+    if key not in fixed.measured:  # moving is kept with the value, so its id is not reused meanwhile
+        fixed.measured[key] = (moving, compute(fixed, moving, to_moving))
+    return fixed.measured[key][1]
+
 
 @dataclass
 class Registration:
@@ -130,6 +165,10 @@ def plausible(to_atlas: np.ndarray) -> bool:
 
 def outline_overlap(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     """Dice of the solid heads of ``fixed`` and of ``moving`` mapped onto it, within 130 mm of the top."""
+    return _measure("overlap", fixed, moving, to_moving, _outline_overlap)
+
+
+def _outline_overlap(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     warped = resample(torch.from_numpy(moving.solid.astype(np.float32))[None],
                       np.linalg.inv(to_moving) @ moving.affine, Grid(tuple(fixed.image.shape), fixed.affine))[0].numpy()
     scan = fixed.solid & fixed.near_top
@@ -256,6 +295,10 @@ def head_pose(atlas: Atlas, head: Head) -> np.ndarray:
 def head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     """Mattes mutual information (negative: lower is better) of the two heads over the fixed
     head's top 170 mm, with ``moving`` mapped through ``to_moving`` (fixed -> moving world)."""
+    return _measure("mi", fixed, moving, to_moving, _head_mi)
+
+
+def _head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
@@ -516,12 +559,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
 
     fixed_affine, moving_affine = fixed.affine, moving.affine
     fmask, mmask = fixed.top, moving.top
-    if metric == "outline":
-        f_array = ndi.gaussian_filter(fixed.solid.astype(np.float32), 1.5)
-        m = _to_sitk(ndi.gaussian_filter(moving.solid.astype(np.float32), 1.5), moving_affine)
-    else:
-        f_array, m = fixed.image, _to_sitk(moving.image, moving_affine)
-    f = _to_sitk(f_array, fixed_affine)
+    kind = "outline" if metric == "outline" else "image"
 
     def centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
         c = np.argwhere(mask).mean(0)
@@ -542,10 +580,14 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         full_grid_scales = physical_shift_scales(fixed.image.shape, fixed_affine, cf)
         box_affine = fixed_affine.copy()
         box_affine[:3, 3] = fixed_affine[:3, :3] @ [s.start for s in box] + fixed_affine[:3, 3]
-        f_box = _to_sitk(f_array[box], box_affine)
+        f_box = sitk.SmoothingRecursiveGaussian(_to_sitk((fixed.outline if kind == "outline" else fixed.image)[box],
+                                                         box_affine), 1.0)
         mask_box = sitk.Cast(_to_sitk(region[box].astype(np.float32), box_affine), sitk.sitkUInt8)
 
-    def run(tx, levels=tuple(shrink), fixed_image=None, mask=None, scales=None):
+    def run(tx, level, fixed_image=None, mask=None, scales=None):
+        """One pyramid level (grid subsampled by ``level``, images smoothed by ``level`` mm)
+        as its own ITK registration, on images smoothed beforehand and kept by the heads (ITK
+        restarts the optimiser at each level: the multi-level result to 3e-14 mm)."""
         reg = sitk.ImageRegistrationMethod()
         if metric == "outline":
             reg.SetMetricAsMeanSquares()
@@ -559,7 +601,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
             # ITK's Mattes metric adds each work unit's derivative under a lock in the order the
             # threads arrive, so the sum, and through the optimiser the transform, changed with
             # the machine's load (NiChart s21 T1: 1,626 vs 1,801 mL removed); one work unit is
-            # reproducible and costs about 1 s a head. Mean squares sums in a fixed order.
+            # reproducible and costs about 1 s a head (two are not). Mean squares sums in a fixed order.
             reg.SetNumberOfWorkUnits(1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(1.0, min_step, iterations, relaxationFactor=0.6)
@@ -567,18 +609,19 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
             reg.SetOptimizerScalesFromPhysicalShift()
         else:
             reg.SetOptimizerScales(scales)
-        reg.SetShrinkFactorsPerLevel(list(levels))
-        reg.SetSmoothingSigmasPerLevel([float(s) for s in levels])
+        reg.SetShrinkFactorsPerLevel([level])
+        reg.SetSmoothingSigmasPerLevel([0.0])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         reg.SetInitialTransform(tx, inPlace=True)
-        reg.Execute(f if fixed_image is None else fixed_image, m)
+        reg.Execute(fixed.smoothed(kind, level) if fixed_image is None else fixed_image, moving.smoothed(kind, level))
         return tx
 
-    def run_all(tx):
-        if not split:
-            return run(tx)
-        run(tx, tuple(shrink[:-1]))
-        return run(tx, (1,), f_box, mask_box, full_grid_scales)
+    def run_all(tx, crop: bool):
+        for level in shrink[:-1] if crop else shrink:
+            run(tx, level)
+        if crop:
+            run(tx, 1, f_box, mask_box, full_grid_scales)
+        return tx
 
     aff = sitk.AffineTransform(3)
     aff.SetCenter([float(v) for v in cf])
@@ -586,7 +629,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         sim = sitk.Similarity3DTransform()
         sim.SetCenter([float(v) for v in cf])
         sim.SetTranslation([float(v) for v in cm - cf])
-        sim = run(sim)
+        sim = run_all(sim, crop=False)
         aff.SetMatrix(sim.GetMatrix())
         aff.SetTranslation(sim.GetTranslation())
     else:
@@ -594,7 +637,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         a0, b0 = start[:3, :3], start[:3, 3]
         aff.SetMatrix([float(v) for v in a0.ravel()])
         aff.SetTranslation([float(v) for v in b0 + a0 @ cf - cf])
-    tx = run_all(aff)
+    tx = run_all(aff, crop=split)
     a = np.array(tx.GetMatrix()).reshape(3, 3)
     c = np.array(tx.GetCenter())
     t = np.array(tx.GetTranslation())

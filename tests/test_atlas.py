@@ -918,3 +918,62 @@ def test_a_skull_stripped_head_the_network_calls_a_face_is_left_whole_after_regi
     result = defacer.apply(volume, canon, greedy_probs(canon), registration)
     assert result.stats["atlas_registration"].startswith("not needed")
     assert not result.mask.any() and np.array_equal(result.raw, volume.raw)
+
+
+def test_a_level_on_images_smoothed_beforehand_is_the_level_itk_smooths_itself():
+    """register_affine runs every pyramid level on images the heads smoothed once (``Head.smoothed``)
+    and tells ITK not to smooth: the transform must be bit for bit the one ITK finds smoothing each
+    level itself, as the registration was validated (a SimpleITK whose registration smoothed with
+    another filter would fail this)."""
+    import SimpleITK as sitk
+
+    from deface.atlas import Head, _to_sitk
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(8.0, 4.0)
+    head = Head(image, affine)
+    mask = sitk.Cast(_to_sitk(head.metric_region.astype(np.float32), affine), sitk.sitkUInt8)
+
+    def level(fixed, moving, sigma: float) -> tuple[float, ...]:
+        tx = sitk.AffineTransform(3)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricFixedMask(mask)
+        reg.SetNumberOfWorkUnits(1)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 40, relaxationFactor=0.6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4])
+        reg.SetSmoothingSigmasPerLevel([sigma])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(fixed, moving)
+        return tx.GetParameters()
+
+    by_itk = level(_to_sitk(image, affine), _to_sitk(atlas.image, atlas.affine), 4.0)
+    beforehand = level(head.smoothed("image", 4), atlas.head.smoothed("image", 4), 0.0)
+    assert by_itk == beforehand
+    assert by_itk != level(_to_sitk(image, affine), _to_sitk(atlas.image, atlas.affine), 0.0)  # smoothing matters
+
+
+def test_a_registration_measures_each_outline_overlap_and_mi_once(monkeypatch):
+    """register_head and refine_on_brain ask for the outline overlap of the same transform twice,
+    and the wrapper asks head_mi again for the kept fit: each is computed once per fixed head."""
+    import deface.atlas as atlas_module
+
+    atlas = Atlas.load()
+    image, affine, _ = tilted_atlas_head(8.0, 4.0)
+    asked, computed = [], []
+    for name, log in (("outline_overlap", asked), ("_outline_overlap", computed), ("_head_mi", computed)):
+        real = getattr(atlas_module, name)
+        monkeypatch.setattr(atlas_module, name, lambda fixed, moving, t, _real=real, _log=log, _name=name:
+                            _log.append((_name, t.tobytes())) or _real(fixed, moving, t))
+    head = atlas_module.Head(image, affine)
+    reg = register_atlas(atlas, image, affine, shrink=(4,), head=head)
+    assert reg.status == "ok"
+    overlaps = [t for name, t in computed if name == "_outline_overlap"]
+    assert len(set(asked)) < len(asked)  # the same transform asked twice ...
+    assert sorted(overlaps) == sorted({t for _, t in asked})  # ... computed once
+    n = len(computed)
+    assert atlas_module.head_mi(head, atlas.head, reg.to_atlas) == reg.mi
+    assert len(computed) == n
