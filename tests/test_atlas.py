@@ -48,6 +48,8 @@ def test_outline_overlap_tells_a_shrunken_atlas_from_a_fitting_one():
 @pytest.mark.parametrize("drop, gain, kept", [
     (0.005, -0.02, "mi"),       # the outline barely moves: the intensity fit, whatever its MI
     (0.02, 0.10, "mi"),         # a FLAIR: the outline loosens a little, the whole head fits far better
+    (0.032, 0.18, "mi"),        # a FLAIR pitched 24 degrees in 6 mm sagittal slices: the outline alone 10 short
+    (0.045, 0.18, "outline"),   # looser than any right fit measured
     (0.013, 0.014, "outline"),  # loosens, fits hardly better: a T2 or PD scalp on CSF
     (0.068, -0.005, "outline"),  # a shrunken template (stroke T2)
     (0.15, 0.09, "outline"),    # far too loose, however well it seems to fit
