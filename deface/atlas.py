@@ -117,15 +117,26 @@ class Head:
         """The solid head smoothed (float32): what the "outline" metric compares."""
         return ndi.gaussian_filter(self.solid.astype(np.float32), 1.5)
 
+    def array(self, kind: str) -> np.ndarray:
+        """``image`` (kind "image") or ``outline`` ("outline"): what a registration metric compares."""
+        return self.outline if kind == "outline" else self.image
+
+    @cached_property
+    def metric_mask(self):
+        """``metric_region`` as a SimpleITK mask, for every metric evaluated there."""
+        import SimpleITK as sitk
+
+        return sitk.Cast(_to_sitk(self.metric_region.astype(np.float32), self.affine), sitk.sitkUInt8)
+
     def smoothed(self, kind: str, sigma: float):
-        """``image`` (kind "image") or ``outline`` ("outline") as a SimpleITK image smoothed by
-        ``sigma`` mm as ITK's registration smooths a level (a recursive Gaussian; none at 0), made
-        once for every stage and level that uses it."""
+        """``array(kind)`` as a SimpleITK image smoothed by ``sigma`` mm as ITK's registration
+        smooths a level (a recursive Gaussian; none at 0), made once for every stage and level
+        (and ``head_mi``) that uses it."""
         import SimpleITK as sitk
 
         key = (kind, float(sigma))
         if key not in self._smoothed:
-            image = _to_sitk(self.image if kind == "image" else self.outline, self.affine)
+            image = _to_sitk(self.array(kind), self.affine)
             self._smoothed[key] = sitk.SmoothingRecursiveGaussian(image, float(sigma)) if sigma > 0 else image
         return self._smoothed[key]
 
@@ -307,15 +318,14 @@ def _head_mi(fixed: Head, moving: Head, to_moving: np.ndarray) -> float:
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
-    mask = fixed.metric_region.astype(np.float32)
-    reg.SetMetricFixedMask(sitk.Cast(_to_sitk(mask, fixed.affine), sitk.sitkUInt8))
+    reg.SetMetricFixedMask(fixed.metric_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     lps = RAS_LPS @ to_moving @ RAS_LPS
     tx = sitk.AffineTransform(3)
     tx.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
     tx.SetTranslation([float(v) for v in lps[:3, 3]])
     reg.SetInitialTransform(tx)
-    return float(reg.MetricEvaluate(_to_sitk(fixed.image, fixed.affine), _to_sitk(moving.image, moving.affine)))
+    return float(reg.MetricEvaluate(fixed.smoothed("image", 0), moving.smoothed("image", 0)))
 
 
 SEARCH_SPACING_MM = 4.0  # rotation_search compares the head outlines on grids this coarse
@@ -571,9 +581,10 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         return ras * np.array([-1.0, -1.0, 1.0])  # LPS
 
     cf, cm = centroid(fmask, fixed_affine), centroid(mmask, moving_affine)
-    region = fixed.metric_region if region is None else region
-    fixed_mask = _to_sitk(region.astype(np.float32), fixed_affine)
-    fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
+    if region is None:
+        region, fixed_mask = fixed.metric_region, fixed.metric_mask
+    else:
+        fixed_mask = sitk.Cast(_to_sitk(region.astype(np.float32), fixed_affine), sitk.sitkUInt8)
     # A dense last level at full resolution is run on its own, on the fixed image cropped to the
     # region (ITK visits every voxel of the fixed grid and asks the mask of each), with the step
     # scales ITK would estimate on the whole grid: the same transform (to 4e-9 mm on 10 heads, 4e-4
@@ -584,8 +595,7 @@ def register_affine(fixed: Head, moving: Head, seed: int = 0, shrink: tuple[int,
         full_grid_scales = physical_shift_scales(fixed.image.shape, fixed_affine, cf)
         box_affine = fixed_affine.copy()
         box_affine[:3, 3] = fixed_affine[:3, :3] @ [s.start for s in box] + fixed_affine[:3, 3]
-        f_box = sitk.SmoothingRecursiveGaussian(_to_sitk((fixed.outline if kind == "outline" else fixed.image)[box],
-                                                         box_affine), 1.0)
+        f_box = sitk.SmoothingRecursiveGaussian(_to_sitk(fixed.array(kind)[box], box_affine), 1.0)
         mask_box = sitk.Cast(_to_sitk(region[box].astype(np.float32), box_affine), sitk.sitkUInt8)
 
     def run(tx, level, fixed_image=None, mask=None, scales=None):
