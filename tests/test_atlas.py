@@ -501,7 +501,7 @@ def test_mutual_information_registration_is_reproducible_under_load():
     head = Head(image, affine)
 
     def register(_: int = 0) -> np.ndarray:
-        return register_affine(head, atlas.head, shrink=(4, 2), sampling=1.0, metric="mi")
+        return register_affine(head, atlas.head, shrink=(4, 2), metric="mi")
 
     alone = register()
     with ThreadPoolExecutor(3) as pool:
@@ -849,8 +849,8 @@ def test_the_full_resolution_level_on_a_cropped_grid_gives_the_whole_grids_trans
     assert atlas_module.region_box(region, 3) != tuple(slice(0, n) for n in region.shape)
 
     def register() -> np.ndarray:
-        start = register_affine(head, atlas.head, shrink=(4,), sampling=1.0, metric="mi")
-        return register_affine(head, atlas.head, shrink=(4, 2, 1), sampling=1.0, metric="mi", init=start,
+        start = register_affine(head, atlas.head, shrink=(4,), metric="mi")
+        return register_affine(head, atlas.head, shrink=(4, 2, 1), metric="mi", init=start,
                                region=region)
 
     cropped = register()
